@@ -1,0 +1,147 @@
+"""Every hyperparameter of HybridGL in one frozen object (spec section 11).
+
+The defaults reproduce the authors' reference code; each one may be overridden from a
+JSON or TOML file (`HybridGLConfig.from_file`) or in code (`config.replace(alpha=0.5)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+FUSION_MODES = ("G2L", "L2G", "G2L+L2G", "G+L", "local", "global")
+
+
+@dataclass(frozen=True)
+class HybridGLConfig:
+    # 1. Mask proposals: SamAutomaticMaskGenerator settings.
+    points_per_side: int = 8
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.7
+    stability_score_thresh: float = 0.7
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 800
+
+    # 2. Hybrid global-local mask features.
+    fusion_mode: str = "G2L"
+    fusion_start_block: int = 9  # 0-indexed; the paper's "start layer 9"
+    beta: float = 2.0  # weight of the token-masked global features in the hybrid input
+    fusion_weight: float = 0.5  # "G+L" only: weight of the global feature in the weighted sum
+    clip_input_size: int = 224
+    blur_kernel: int = 15  # Gaussian blur of the global branch (sigma from the kernel, as OpenCV's 0)
+    fill_value: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, as the reference code
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dtype: str = "float32"  # CLIP compute dtype: float32 (default, golden-exact), float16, bfloat16
+    feature_batch_size: int = 16  # masks per CLIP forward pass (memory bound, not numerics)
+
+    # 3. Text features.
+    sentence_weight: float = 0.5  # t = w * f(sentence) + (1 - w) * f(noun_phrase)
+    other_prompt: str = "a photo of "
+
+    # 6. Spatial relation guidance.
+    use_relation: bool = True
+    k1: int = 3
+    k2: int = 6
+
+    # 7. Spatial coherence map (GEM).
+    use_coherence: bool = True
+    gem_blocks: int = 6  # the last 6 residual blocks get the self-self attention path
+    gem_input_size: int = 448
+    gem_iterations: int = 1
+    gem_temperature: float | None = None  # None: adaptive (mean token norm * head_dim ** -0.5)
+    gem_prompt: str = "a photo of a {}."
+    clip_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    clip_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    # 8. Position prior.
+    use_position_prior: bool = True
+    vertical_prior: bool = False  # the reference code has up/down switched off
+
+    # 9. Spatial guidance score.
+    black: float = 1.8  # b; lambda = b / (2 - b) = 9
+    black_big: float = 1.95
+    black_small: float = 1.5
+
+    # 10. Final fusion.
+    alpha: float = 0.6
+
+    # The reported confidence: softmax(F / score_temperature) share of the chosen candidate.
+    score_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.fusion_mode not in FUSION_MODES:
+            raise ValueError(f"fusion_mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.fusion_start_block <= 11:
+            raise ValueError("fusion_start_block must lie in [0, 11]")
+        if self.k1 < 1 or self.k2 < 1:
+            raise ValueError("k1 and k2 must be at least 1")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError("blur_kernel must be a positive odd number")
+        for name in ("black", "black_big", "black_small"):
+            if not 0.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must lie in [0, 2]")
+        if self.score_temperature <= 0:
+            raise ValueError("score_temperature must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must lie in [0, 1]")
+        for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    def replace(self, **changes: Any) -> "HybridGLConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "HybridGLConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridGL config keys: {', '.join(unknown)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "HybridGLConfig":
+        """Defaults overridden by the keys of a JSON or TOML file (a [hybridgl] table is accepted)."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a table of config keys")
+        if set(values) == {"hybridgl"}:
+            values = values["hybridgl"]
+        return cls.from_dict(values)
+
+    @classmethod
+    def load(cls, config: "HybridGLConfig | Mapping[str, Any] | str | Path | None") -> "HybridGLConfig":
+        if config is None:
+            return cls()
+        if isinstance(config, HybridGLConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        return cls.from_file(config)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of every value: the same config gives the same string."""
+        import hashlib
+
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+DEFAULT_CONFIG = HybridGLConfig()

@@ -1,0 +1,98 @@
+"""Spatial guidance: relation guidance (Eq. 4-5), position prior (Eq. 6-7), guidance score (Eq. 8).
+
+Spec sections 6, 8 and 9. Boxes are SAM's XYWH (w = max col - min col, h = max row - min row).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import HybridGLConfig
+
+
+def relation_term(box_i: np.ndarray, box_j: np.ndarray, p_i: float, s_j: float, relation: str) -> float:
+    """rel(i, j) of spec section 6 for one pair of boxes."""
+    xi, yi, wi, hi = (float(v) for v in box_i)
+    xj, yj, wj, hj = (float(v) for v in box_j)
+    if relation == "none":
+        return p_i
+    if relation == "left":
+        return p_i * s_j * float(xi + wi / 2 < xj + wj / 2)
+    if relation == "right":
+        return p_i * s_j * float(xi + wi / 2 > xj + wj / 2)
+    if relation == "up":
+        return p_i * s_j * float(yi + hi / 2 < yj + hj / 2)
+    if relation == "down":
+        return p_i * s_j * float(yi + hi / 2 > yj + hj / 2)
+    if relation == "big":
+        return p_i * s_j * float(wi * hi > wj * hj)
+    if relation == "small":
+        return p_i * s_j * float(wi * hi < wj * hj)
+    if relation == "within":
+        area = wi * hi
+        if area <= 0:  # a one-pixel-thin box: nothing to be inside of (the reference divides by zero)
+            return 0.0
+        x1 = max(xi, xj)
+        x2 = max(x1, min(xi + wi, xj + wj))
+        y1 = max(yi, yj)
+        y2 = max(y1, min(yi + hi, yj + hj))
+        return p_i * s_j * (x2 - x1) * (y2 - y1) / area
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def relation_guidance(boxes: np.ndarray, p: np.ndarray, candidates: np.ndarray, partners: np.ndarray,
+                      partner_scores: np.ndarray, relation: str) -> np.ndarray:
+    """R_i = sum over j in J of rel(i, j), for i in I: float64 [k1], aligned with `candidates`.
+
+    boxes: [N,4] XYWH; p: [N] target probabilities; candidates I, partners J: index arrays;
+    partner_scores: [N], q (or p when the expression names no other object).
+    """
+    return np.array([sum(relation_term(boxes[i], boxes[j], float(p[i]), float(partner_scores[j]), relation)
+                         for j in partners) for i in candidates], dtype=np.float64)
+
+
+def position_prior(direction: str, height: int, width: int, config: HybridGLConfig,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """P_dir [H,W]: ramps along x for left/right, a tent for middle; vertical ramps only when enabled."""
+    ramp = lambda a, b, n: torch.linspace(a, b, n, device=device)  # noqa: E731
+    if direction == "left":
+        return ramp(1, 0, width).expand(height, width)
+    if direction == "right":
+        return ramp(0, 1, width).expand(height, width)
+    if direction == "middle":
+        return torch.cat([ramp(0, 1, width // 2), ramp(1, 0, width - width // 2)]).expand(height, width)
+    if config.vertical_prior and direction == "up":
+        return ramp(1, 0, height)[:, None].expand(height, width)
+    if config.vertical_prior and direction == "down":
+        return ramp(0, 1, height)[:, None].expand(height, width)
+    return torch.ones(height, width, device=device)
+
+
+def guided_map(coherence: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """A' = A * P_dir / mean(A * P_dir); uniform ones when the product has no mass (never NaN)."""
+    a = coherence * prior
+    mean = a.mean()
+    return a / mean if mean > 0 else torch.ones_like(a)
+
+
+def black_level(relation: str, config: HybridGLConfig) -> float:
+    """b of Eq. 8: larger for BIG (favours large masks), smaller for SMALL."""
+    return {"big": config.black_big, "small": config.black_small}.get(relation, config.black)
+
+
+def guidance_score(guided: torch.Tensor, masks: torch.Tensor, black: float) -> torch.Tensor:
+    """G_i = (2 - b) * mean of A' inside mask i - b * mean of A' outside it: float32 [N].
+
+    A mask with no outside (the whole image) gets 0 for its outside term; an empty mask 0 inside.
+    """
+    guided = guided.double()  # float64 sums: the outside mean is a difference of two large sums
+    total = guided.sum()
+    count = guided.numel()
+    scores = []
+    for m in masks:
+        inside = guided[m].sum()
+        n_in = int(m.sum())
+        mean_in = inside / n_in if n_in else guided.new_zeros(())
+        mean_out = (total - inside) / (count - n_in) if n_in < count else guided.new_zeros(())
+        scores.append((2 - black) * mean_in - black * mean_out)
+    return torch.stack(scores).float() if scores else guided.new_zeros(0).float()

@@ -1,0 +1,302 @@
+"""HybridGL end to end: `prepare` does the image-only work once, `segment` answers one expression.
+
+Many expressions on one image (the rule in referring datasets) cost one SAM pass, one hybrid
+feature pass and one GEM pass; each expression then costs a few text encodings and the
+mask-level scoring.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from . import guidance, scoring
+from .coherence import coherence_map, gem_tokens
+from .config import HybridGLConfig
+from .hybrid_features import hybrid_features
+from .parsing import ParsedExpression
+from .proposals import MaskProposer, Proposals, build_sam
+from .text import encode_text, text_features
+
+log = logging.getLogger("hybridgl")
+
+VERSION = "1.0"
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image (EXIF orientation applied, any mode) or an array -> uint8 [H,W,3] RGB."""
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" \
+                else image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8).copy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image arrays must be HxWx3 (RGB), got shape {array.shape}")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as EXIF-transposed RGB uint8 [H,W,3]."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb_array(im)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weights_fingerprint(module: nn.Module | None) -> str:
+    """A hash of every parameter's name, shape, sum and sum of squares: changes when any weight does."""
+    if module is None:
+        return "none"
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            t64 = t.detach().double()
+            h.update(f"{name}{tuple(t.shape)}{t64.sum().item():.10e}{(t64 * t64).sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PreparedView:
+    """The image-only work for one image.
+
+    image: uint8 [H,W,3]; proposals: masks bool [N,H,W] and boxes int64 [N,4];
+    features: hybrid features float32 [N,D] (on the model's device); tokens: GEM token
+    features [g,g,D] (unit norm) or None when coherence is off.
+    """
+
+    image: np.ndarray
+    proposals: Proposals
+    features: torch.Tensor
+    tokens: torch.Tensor | None
+    _device_masks: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.proposals.masks
+
+    @property
+    def boxes_xywh(self) -> np.ndarray:
+        return self.proposals.boxes_xywh
+
+    def __len__(self) -> int:
+        return len(self.proposals)
+
+    def device_masks(self, device: torch.device) -> torch.Tensor:
+        if self._device_masks is None:
+            self._device_masks = torch.from_numpy(self.proposals.masks).to(device)
+        return self._device_masks
+
+
+@dataclass
+class Segmentation:
+    """The answer for one expression on one image.
+
+    mask: bool [H,W] or None when there is no proposal; index: the chosen proposal.
+    score: confidence in [0, 1], the chosen candidate's share of softmax(F / score_temperature)
+      over the k1 candidates (F = the fused final scores of Eq. 9). It is low (towards 1/k1)
+      when the top candidates are nearly tied, i.e. the choice was uncertain, and 0 without proposals.
+    hybrid_index: argmax of the semantic score alone (the "hybrid features only" prediction).
+    ranking: [{"index", "score", "semantic", "final"}] best first: the candidates by F, then the
+      remaining proposals by semantic probability p (with score 0: they were never candidates).
+    explain: intermediate arrays under the golden cases' names.
+    reason: why there is no mask, else None.
+    """
+
+    mask: np.ndarray | None
+    score: float
+    index: int | None
+    hybrid_index: int | None
+    ranking: list[dict[str, Any]]
+    parse: ParsedExpression
+    explain: dict[str, np.ndarray]
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "index": self.index, "hybrid_index": self.hybrid_index,
+                "ranking": self.ranking, "parse": self.parse.to_dict(), "reason": self.reason}
+
+
+class HybridGL:
+    """The HybridGL referring segmenter. Models are loaded once and passed in.
+
+    clip: a transformers `CLIPModel` (fp32 weights) and its tokenizer; sam: a segment-anything
+    `Sam` or None (then `prepare` needs proposals); parser: a name ("stanza", "rules", "auto")
+    or a parser object from `hybridgl.parsing`.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, sam: nn.Module | None = None,
+                 parser: str | Callable[[str], ParsedExpression] = "auto",
+                 config: HybridGLConfig | dict | str | Path | None = None,
+                 device: torch.device | str | None = None):
+        self.config = HybridGLConfig.load(config)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.clip = clip.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.sam = sam.to(self.device).eval() if sam is not None else None
+        self.proposer = MaskProposer(self.sam, self.config) if self.sam is not None else None
+        if isinstance(parser, str):
+            from .parsing import make_parser
+
+            parser = make_parser(parser)
+        self.parser = parser
+        self.logit_scale = float(self.clip.logit_scale.detach().exp())
+        self._version: str | None = None
+        log.info("HybridGL ready on %s (parser: %s, SAM: %s)", self.device, self.parser_name,
+                 "yes" if self.sam is not None else "no, proposals must be given")
+
+    @classmethod
+    def from_pretrained(cls, clip: Any = "openai/clip-vit-base-patch16", sam: Any = "vit_h",
+                        sam_checkpoint: str | Path | None = None, parser: Any = "stanza",
+                        device: torch.device | str | None = None,
+                        config: HybridGLConfig | dict | str | Path | None = None, *,
+                        cache_dir: str | Path | None = None, offline: bool | None = None) -> "HybridGL":
+        """Load the models by name, path or object.
+
+        clip: a Hugging Face id or local directory (model and tokenizer), or a (CLIPModel,
+        tokenizer) pair. sam: "vit_h" / "vit_l" / "vit_b" (with `sam_checkpoint` a local path or
+        URL; None downloads the official checkpoint once into the cache, SHA-256 checked), an
+        already-built `Sam`, or None. offline (default: env HF_HUB_OFFLINE / HYBRIDGL_OFFLINE)
+        never touches the network.
+        """
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from . import weights
+
+        device = torch.device(device) if device is not None else default_device()
+        if isinstance(clip, (tuple, list)):
+            clip_model, tokenizer = clip
+        else:
+            path = weights.resolve_clip(str(clip), cache_dir=cache_dir, offline=offline)
+            clip_model = CLIPModel.from_pretrained(path, dtype=torch.float32)
+            tokenizer = CLIPTokenizer.from_pretrained(path)
+        if isinstance(sam, str):
+            checkpoint = weights.resolve_sam_checkpoint(sam, sam_checkpoint, cache_dir=cache_dir,
+                                                        offline=offline)
+            sam = build_sam(sam, checkpoint, device=device)
+        return cls(clip_model, tokenizer, sam=sam, parser=parser, config=config, device=device)
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def parser_name(self) -> str:
+        return getattr(self.parser, "name", type(self.parser).__name__)
+
+    @property
+    def model_version(self) -> str:
+        """Stable for the same weights, parser and config; different when any of them changes."""
+        if self._version is None:
+            blob = "|".join([VERSION, weights_fingerprint(self.clip), weights_fingerprint(self.sam),
+                             self.parser_name, self.config.fingerprint()])
+            self._version = f"hybridgl-{VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        return self._version
+
+    # -- the method -----------------------------------------------------------------------------
+    def parse(self, expression: str) -> ParsedExpression:
+        if not isinstance(expression, str) or not expression.strip():
+            raise ValueError("empty expression")
+        return self.parser(expression)
+
+    @torch.no_grad()
+    def prepare(self, image: Image.Image | np.ndarray,
+                proposals: np.ndarray | torch.Tensor | Proposals | None = None) -> PreparedView:
+        """All the image-only work: proposals, hybrid features, GEM token features."""
+        rgb = to_rgb_array(image)
+        h, w = rgb.shape[:2]
+        if proposals is None:
+            if self.proposer is None:
+                raise ValueError("this HybridGL has no SAM: pass proposals to prepare()")
+            props = self.proposer(rgb)
+        elif isinstance(proposals, Proposals):
+            props = proposals
+        else:
+            props = Proposals.from_masks(proposals, h, w)
+        features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
+        tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
+        return PreparedView(rgb, props, features, tokens)
+
+    @torch.no_grad()
+    def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
+                parse: ParsedExpression | None = None) -> Segmentation:
+        """Choose the proposal that `expression` refers to (or use `parse` as given)."""
+        if not isinstance(view, PreparedView):
+            view = self.prepare(view)
+        if parse is None:
+            parse = self.parse(expression if expression is not None else "")
+        cfg, dev = self.config, self.device
+        n = len(view)
+        text = text_features(self.clip, self.tokenizer, parse, cfg, dev)
+        explain: dict[str, np.ndarray] = {
+            "hybrid_features": view.features.cpu().numpy(),
+            "text_sentence": text.sentence.cpu().numpy(),
+            "text_noun_phrase": text.noun_phrase.cpu().numpy(),
+            "text_mixed": text.mixed.cpu().numpy(),
+            "text_neg": (text.neg if text.neg is not None else torch.zeros_like(text.mixed)).cpu().numpy(),
+        }
+        if n == 0:
+            return Segmentation(None, 0.0, None, None, [], parse, explain, reason="no mask proposals")
+
+        S = scoring.semantic_score(view.features, text.mixed, self.logit_scale)
+        p = S.softmax(dim=0)
+        explain.update(S=S.cpu().numpy(), p=p.cpu().numpy())
+        q = None
+        if text.neg is not None:  # without other nouns S_neg and q do not exist (the reference's NaN)
+            S_neg = scoring.semantic_score(view.features, text.neg, self.logit_scale)
+            q = S_neg.softmax(dim=0)
+            explain.update(S_neg=S_neg.cpu().numpy(), q=q.cpu().numpy())
+
+        # Relation guidance over the top-k1 candidates (k clamped per image, not per run).
+        p_np = p.double().cpu().numpy()
+        I = scoring.top_k(p, cfg.k1)
+        J = scoring.top_k(q, cfg.k2) if q is not None else I
+        partner = q.double().cpu().numpy() if q is not None else p_np
+        relation = parse.relation if cfg.use_relation else "none"
+        R = guidance.relation_guidance(view.boxes_xywh, p_np, I, J, partner, relation)
+        P = torch.from_numpy(R).softmax(dim=0).numpy().astype(np.float32)
+
+        # Coherence map, position prior and the guidance score of every mask.
+        size = view.size
+        if view.tokens is not None:
+            gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev)
+            A = coherence_map(view.tokens, gem_text, size, cfg)
+        else:
+            A = torch.ones(size, device=dev)
+        direction = parse.direction if cfg.use_position_prior else "none"
+        A_prime = guidance.guided_map(A, guidance.position_prior(direction, *size, cfg, dev))
+        black = guidance.black_level(relation, cfg)
+        G = guidance.guidance_score(A_prime, view.device_masks(dev), black).cpu().numpy()
+
+        F_ = scoring.final_score(P, G[I], cfg.alpha)
+        order = np.argsort(-F_, kind="stable")
+        chosen = int(I[order[0]])
+        shares = scoring.confidence(F_, cfg.score_temperature)
+        hybrid_index = int(torch.argmax(S))
+        ranking = [{"index": int(I[o]), "score": float(shares[o]), "semantic": float(p_np[I[o]]),
+                    "final": float(F_[o])} for o in order]
+        ranking += [{"index": int(i), "score": 0.0, "semantic": float(p_np[i]), "final": None}
+                    for i in np.argsort(-p_np, kind="stable") if i not in set(I.tolist())]
+        explain.update(
+            k1=np.int64(len(I)), k2=np.int64(min(cfg.k2, n)), topk_I=I, J_used=J, R=R, P=P,
+            black=np.float64(black), gem_A=A.cpu().numpy(), gem_Aprime=A_prime.cpu().numpy(),
+            G=G, F=F_, pred_g2l=np.int64(hybrid_index), pred_final=np.int64(chosen),
+        )
+        return Segmentation(view.masks[chosen].copy(), float(shares[order[0]]), chosen, hybrid_index,
+                            ranking, parse, explain)

@@ -1,0 +1,56 @@
+"""Text features (spec section 3, adopted from Global-Local CLIP).
+
+t = w * f(sentence) + (1 - w) * f(noun_phrase) with raw CLIP text features; every other noun
+phrase is encoded as "a photo of " + phrase and the features are averaged into f_neg.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import HybridGLConfig
+from .parsing import ParsedExpression
+
+log = logging.getLogger("hybridgl.text")
+
+
+@torch.no_grad()
+def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One string -> its raw (unnormalised) CLIP text feature [D].
+
+    Text over CLIP's context length is truncated with a warning, never an error: the end-of-text
+    token is kept, so the feature is that of the first tokens.
+    """
+    limit = int(clip.text_model.config.max_position_embeddings)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) > limit:
+        log.warning("expression of %d tokens truncated to CLIP's %d: %.60r...", len(ids), limit, text)
+        ids = ids[: limit - 1] + [ids[-1]]
+    input_ids = torch.tensor([ids], device=device)
+    pooled = clip.text_model(input_ids=input_ids).pooler_output  # the EOT token after the final layernorm
+    return clip.text_projection(pooled)[0].float()
+
+
+@dataclass
+class TextFeatures:
+    """Raw text features of one parsed expression, each [D]; `neg` is None without other nouns."""
+
+    sentence: torch.Tensor
+    noun_phrase: torch.Tensor
+    mixed: torch.Tensor
+    neg: torch.Tensor | None
+
+
+def text_features(clip: nn.Module, tokenizer, parse: ParsedExpression, config: HybridGLConfig,
+                  device: torch.device | str = "cpu") -> TextFeatures:
+    sentence = encode_text(clip, tokenizer, parse.sentence, device)
+    noun_phrase = encode_text(clip, tokenizer, parse.noun_phrase, device)
+    mixed = config.sentence_weight * sentence + (1 - config.sentence_weight) * noun_phrase
+    neg = None
+    if parse.other_nouns:
+        neg = torch.stack([encode_text(clip, tokenizer, config.other_prompt + o, device)
+                           for o in parse.other_nouns]).mean(dim=0)
+    return TextFeatures(sentence, noun_phrase, mixed, neg)
