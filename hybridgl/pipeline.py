@@ -174,7 +174,8 @@ class HybridGL:
 
         clip: a Hugging Face id or local directory (model and tokenizer), or a (CLIPModel,
         tokenizer) pair. sam: "vit_h" / "vit_l" / "vit_b" (with `sam_checkpoint` a local path or
-        URL; None downloads the official checkpoint once into the cache, SHA-256 checked), an
+        URL; None downloads the official checkpoint once into the cache, SHA-256 checked),
+        "package.module:builder" for another SAM architecture (with a checkpoint), an
         already-built `Sam`, or None. offline (default: env HF_HUB_OFFLINE / HYBRIDGL_OFFLINE)
         never touches the network.
         """
@@ -190,8 +191,11 @@ class HybridGL:
             clip_model = CLIPModel.from_pretrained(path, dtype=torch.float32)
             tokenizer = CLIPTokenizer.from_pretrained(path)
         if isinstance(sam, str):
-            checkpoint = weights.resolve_sam_checkpoint(sam, sam_checkpoint, cache_dir=cache_dir,
-                                                        offline=offline)
+            if sam_checkpoint is not None and Path(sam_checkpoint).is_file():
+                checkpoint = Path(sam_checkpoint)
+            else:
+                checkpoint = weights.resolve_sam_checkpoint(sam, sam_checkpoint, cache_dir=cache_dir,
+                                                            offline=offline)
             sam = build_sam(sam, checkpoint, device=device)
         return cls(clip_model, tokenizer, sam=sam, parser=parser, config=config, device=device)
 

@@ -5,6 +5,7 @@ SAM proposes class-agnostic masks; HybridGL only has to choose among them. Zero 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,13 @@ def build_sam(model_type: str, checkpoint: str | Path | None,
               builder: Callable[..., Sam] | None = None, device: torch.device | str = "cpu") -> Sam:
     """A SAM model of `model_type` with the weights of `checkpoint` (a local file), in eval mode.
 
-    builder: a function (checkpoint=...) -> Sam for architectures outside segment-anything's
-    registry (the tests' tiny SAM).
+    model_type: "vit_h" | "vit_l" | "vit_b", or "package.module:function" naming a builder
+    (checkpoint=...) -> Sam for architectures outside segment-anything's registry.
+    builder: such a function given directly.
     """
+    if builder is None and ":" in model_type:
+        module, _, attr = model_type.partition(":")
+        builder = getattr(importlib.import_module(module), attr)
     if builder is None:
         if model_type not in SAM_MODEL_TYPES:
             raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {SAM_MODEL_TYPES}")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv with everything hybridgl/ and backend/ need.
+#   bash scripts/setup.sh          runtime only
+#   bash scripts/setup.sh --dev    + test dependencies
+#   bash scripts/setup.sh --e2e    + the Label Studio used by the end-to-end tests (.venv-ls)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+dev=0; e2e=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    --e2e) e2e=1 ;;
+    *) echo "unknown option: $arg" >&2; exit 2 ;;
+  esac
+done
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+reqs=(-r requirements.txt)
+[ "$dev" = 1 ] && reqs+=(-r requirements-dev.txt)
+.venv/bin/python -m pip install -q "${reqs[@]}"
+.venv/bin/python -m pip install -q --no-deps -e .
+if [ "$e2e" = 1 ]; then
+  bash tests/e2e/setup_ls.sh
+fi
+echo "setup done: .venv$([ "$e2e" = 1 ] && echo ' and .venv-ls')"

@@ -1,0 +1,243 @@
+"""The library end to end on tiny models: real SAM generator, from_pretrained, edge cases, config."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hybridgl import HybridGL, HybridGLConfig, ParsedExpression
+from hybridgl.guidance import guidance_score, guided_map, position_prior
+from hybridgl.proposals import Proposals, build_sam
+
+from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, build_tiny_sam, save_tiny_sam, tiny_sam_builder
+
+IMAGE = GOLDEN_DIR / "p00_cup_left_of_plate" / "image.png"
+
+
+@pytest.fixture(scope="module")
+def model_with_sam():
+    return HybridGL.from_pretrained(clip=str(TINY_CLIP_DIR), sam=build_tiny_sam(), parser="rules",
+                                    device="cpu", config=HybridGLConfig(**PERMISSIVE))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.open(IMAGE).convert("RGB")
+
+
+def test_real_generator_end_to_end(model_with_sam, image):
+    view = model_with_sam.prepare(image)
+    n = len(view)
+    assert n > 1
+    assert view.masks.shape == (n, image.height, image.width) and view.masks.dtype == bool
+    assert view.features.shape == (n, 512)
+    seg = model_with_sam.segment(view, "the cup to the left of the plate")
+    assert seg.parse.noun_phrase == "the cup" and seg.parse.relation == "left"
+    assert seg.mask.shape == (image.height, image.width) and seg.mask.dtype == bool
+    np.testing.assert_array_equal(seg.mask, view.masks[seg.index])
+    assert 0.0 <= seg.score <= 1.0
+    assert seg.ranking[0]["index"] == seg.index
+    assert sorted(r["index"] for r in seg.ranking) == list(range(n))
+    # the score is the chosen candidate's softmax share of F / temperature
+    F = seg.explain["F"].astype(np.float64) / model_with_sam.config.score_temperature
+    assert seg.score == pytest.approx(np.exp(F.max()) / np.exp(F).sum(), rel=1e-6)
+    for value in seg.explain.values():
+        assert not np.isnan(np.asarray(value, dtype=np.float64)).any()
+
+
+def test_segment_on_image_equals_segment_on_prepared_view(model_with_sam, image):
+    view = model_with_sam.prepare(image)
+    a = model_with_sam.segment(view, "the plate")
+    b = model_with_sam.segment(image, "the plate")
+    assert a.index == b.index and a.score == pytest.approx(b.score)
+    # one prepared view serves several expressions without being altered
+    features = view.features.clone()
+    model_with_sam.segment(view, "the cup on the right")
+    assert torch.equal(view.features, features)
+
+
+def test_no_proposal_at_default_thresholds_is_a_normal_result(image):
+    model = HybridGL.from_pretrained(clip=str(TINY_CLIP_DIR), sam=build_tiny_sam(), parser="rules", device="cpu")
+    view = model.prepare(image)
+    assert len(view) == 0
+    seg = model.segment(view, "the cup")
+    assert seg.mask is None and seg.index is None and seg.score == 0.0
+    assert seg.reason == "no mask proposals" and seg.ranking == []
+
+
+def test_prepare_without_sam_needs_proposals(tiny_model_nosam, image):
+    with pytest.raises(ValueError, match="proposals"):
+        tiny_model_nosam.prepare(image)
+    with pytest.raises(ValueError, match="proposals must be bool"):
+        tiny_model_nosam.prepare(image, proposals=np.zeros((2, 5, 5), bool))
+
+
+def test_whole_image_mask_has_no_outside_and_no_nan(tiny_model_nosam, image):
+    h, w = image.height, image.width
+    masks = np.zeros((3, h, w), bool)
+    masks[0] = True  # the whole image
+    masks[1, : h // 2, : w // 2] = True
+    masks[2, h // 2:, w // 2:] = True
+    seg = tiny_model_nosam.segment(tiny_model_nosam.prepare(image, proposals=masks), "the left cup")
+    A = seg.explain["gem_Aprime"]
+    b = float(seg.explain["black"])
+    assert seg.explain["G"][0] == pytest.approx((2 - b) * A.mean(), abs=1e-5)  # outside term 0
+    assert seg.explain["G"][1] == pytest.approx(
+        (2 - b) * A[masks[1]].mean() - b * A[~masks[1]].mean(), abs=1e-5)
+    for value in seg.explain.values():
+        assert not np.isnan(np.asarray(value, dtype=np.float64)).any()
+
+
+def test_k_clamped_per_image_not_per_run(tiny_model_nosam, image):
+    h, w = image.height, image.width
+    two = np.zeros((2, h, w), bool)
+    two[0, :, : w // 2] = True
+    two[1, :, w // 2:] = True
+    small = tiny_model_nosam.segment(tiny_model_nosam.prepare(image, proposals=two), "the cup left of the plate")
+    assert int(small.explain["k1"]) == 2 and int(small.explain["k2"]) == 2
+    data = np.load(GOLDEN_DIR / "p02_bird_above_tree" / "case.npz")
+    big = tiny_model_nosam.segment(tiny_model_nosam.prepare(Image.open(GOLDEN_DIR / "p02_bird_above_tree" /
+                                                                       "image.png"), proposals=data["masks"]),
+                                   "the bird above the tree")
+    assert int(big.explain["k1"]) == 3 and int(big.explain["k2"]) == 6
+
+
+def test_exif_orientation_is_applied(tiny_model_nosam):
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = 255
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    shown = Image.open(io.BytesIO(buf.getvalue()))
+    view = tiny_model_nosam.prepare(shown, proposals=np.ones((1, 60, 40), bool))
+    assert view.size == (60, 40)
+
+
+def test_model_version_tracks_weights_and_config(tiny_clip_pair):
+    clip, tok = tiny_clip_pair
+    a = HybridGL(clip, tok, parser="rules", device="cpu")
+    b = HybridGL(clip, tok, parser="rules", device="cpu")
+    assert a.model_version == b.model_version and a.model_version.startswith("hybridgl-")
+    c = HybridGL(clip, tok, parser="rules", device="cpu", config={"alpha": 0.5})
+    assert c.model_version != a.model_version
+    from tiny_models import tiny_clip
+
+    other, _ = tiny_clip()
+    with torch.no_grad():
+        other.visual_projection.weight[0, 0] += 0.01
+    d = HybridGL(other, tok, parser="rules", device="cpu")
+    assert d.model_version != a.model_version
+
+
+def test_long_expression_truncated_with_warning(tiny_model_nosam, image, caplog):
+    masks = np.zeros((2, image.height, image.width), bool)
+    masks[0, :50] = True
+    masks[1, 50:] = True
+    view = tiny_model_nosam.prepare(image, proposals=masks)
+    text = "the man " + "with a very long red umbrella " * 30
+    with caplog.at_level(logging.WARNING, logger="hybridgl.text"):
+        seg = tiny_model_nosam.segment(view, text)
+    assert seg.index in (0, 1)
+    assert any("truncated" in r.message for r in caplog.records)
+
+
+def test_empty_expression_is_refused(tiny_model_nosam, image):
+    view = tiny_model_nosam.prepare(image, proposals=np.ones((1, image.height, image.width), bool))
+    for text in ("", "   "):
+        with pytest.raises(ValueError, match="empty expression"):
+            tiny_model_nosam.segment(view, text)
+
+
+def test_given_parse_bypasses_the_parser(tiny_model_nosam, image):
+    masks = np.zeros((3, image.height, image.width), bool)
+    masks[0, :, :100] = masks[1, :, 100:300] = masks[2, :, 300:] = True
+    view = tiny_model_nosam.prepare(image, proposals=masks)
+    given = ParsedExpression("zzz", "zzz", (), "none", "right")
+    seg = tiny_model_nosam.segment(view, "ignored text about the left", parse=given)
+    assert seg.parse is given
+    # the right ramp divided by its mean: the rightmost column is the largest
+    A = seg.explain["gem_Aprime"]
+    assert A[:, -1].mean() > A[:, 0].mean()
+
+
+def test_all_fusion_modes_run_and_differ(tiny_clip_pair, image):
+    masks = np.zeros((2, image.height, image.width), bool)
+    masks[0, 100:200, 100:200] = True
+    masks[1, :, 250:] = True
+    feats = {}
+    for mode in ("G2L", "L2G", "G2L+L2G", "G+L", "local", "global"):
+        model = HybridGL(*tiny_clip_pair, parser="rules", device="cpu",
+                         config={"fusion_mode": mode, "use_coherence": False})
+        view = model.prepare(image, proposals=masks)
+        assert view.tokens is None
+        feats[mode] = view.features
+        assert torch.isfinite(view.features).all()
+    modes = list(feats)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            assert not torch.allclose(feats[a], feats[b]), (a, b)
+    # a later fusion start block changes G2L features
+    late = HybridGL(*tiny_clip_pair, parser="rules", device="cpu",
+                    config={"fusion_start_block": 11, "use_coherence": False}).prepare(image, proposals=masks)
+    assert not torch.allclose(late.features, feats["G2L"])
+
+
+def test_position_prior_shapes():
+    cfg = HybridGLConfig()
+    left = position_prior("left", 4, 5, cfg)
+    np.testing.assert_allclose(left[0].numpy(), [1, 0.75, 0.5, 0.25, 0])
+    middle = position_prior("middle", 2, 5, cfg)
+    np.testing.assert_allclose(middle[1].numpy(), [0, 1, 1, 0.5, 0])
+    assert torch.equal(position_prior("up", 3, 3, cfg), torch.ones(3, 3))  # vertical prior off by default
+    up = position_prior("up", 3, 2, cfg.replace(vertical_prior=True))
+    np.testing.assert_allclose(up[:, 0].numpy(), [1, 0.5, 0])
+    down = position_prior("down", 3, 2, cfg.replace(vertical_prior=True))
+    np.testing.assert_allclose(down[:, 1].numpy(), [0, 0.5, 1])
+
+
+def test_guided_map_without_mass_is_uniform():
+    out = guided_map(torch.zeros(3, 4), torch.ones(3, 4))
+    assert torch.equal(out, torch.ones(3, 4))
+    G = guidance_score(out, torch.zeros(1, 3, 4, dtype=torch.bool), 1.8)
+    assert torch.isfinite(G).all()
+
+
+def test_tiny_sam_checkpoint_round_trip(tmp_path, image):
+    path = save_tiny_sam(tmp_path / "tiny_sam.pth", seed=3)
+    loaded = build_sam("tiny", path, builder=tiny_sam_builder)
+    fresh = build_tiny_sam(seed=3)
+    for (k, v), (k2, v2) in zip(loaded.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="unknown SAM model type"):
+        build_sam("vit_x", path)
+
+
+def test_injected_boxes_use_sams_convention():
+    m = np.zeros((1, 10, 12), bool)
+    m[0, 2:5, 3:9] = True  # rows 2..4, cols 3..8
+    p = Proposals.from_masks(m, 10, 12)
+    np.testing.assert_array_equal(p.boxes_xywh, [[3, 2, 5, 2]])
+
+
+def test_config_files_and_validation(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"alpha": 0.3, "fill_value": [0, 0, 0]}))
+    (tmp_path / "c.toml").write_text("[hybridgl]\nalpha = 0.4\nfusion_mode = \"L2G\"\n")
+    a = HybridGLConfig.from_file(tmp_path / "c.json")
+    assert a.alpha == 0.3 and a.fill_value == (0.0, 0.0, 0.0)
+    b = HybridGLConfig.from_file(tmp_path / "c.toml")
+    assert b.alpha == 0.4 and b.fusion_mode == "L2G"
+    assert a.fingerprint() != HybridGLConfig().fingerprint()
+    assert HybridGLConfig().fingerprint() == HybridGLConfig().fingerprint()
+    with pytest.raises(ValueError, match="unknown HybridGL config keys: bogus"):
+        HybridGLConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="fusion_mode"):
+        HybridGLConfig(fusion_mode="X")
+    with pytest.raises(Exception):
+        HybridGLConfig().alpha = 0.1  # frozen
