@@ -18,6 +18,9 @@ from . import clip_vit
 from .config import HybridGLConfig
 
 
+MAX_BATCH_PIXELS = 50_000_000
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear, align_corners=False, no antialias: the reference code's `T.Resize(..., antialias=None)`."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
@@ -141,9 +144,11 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     grid = config.clip_input_size // clip_vit.patch_size(clip)
     image01 = image_tensor(image, device)
     blurred = blur(image, config.blur_kernel)
+    # The full-resolution inputs of a batch take ~28 bytes per pixel and mask: cap them near 1.5 GB.
+    step = max(1, min(config.feature_batch_size, MAX_BATCH_PIXELS // (image.shape[0] * image.shape[1])))
     out = []
-    for lo in range(0, n, config.feature_batch_size):
-        batch = masks[lo:lo + config.feature_batch_size]
+    for lo in range(0, n, step):
+        batch = masks[lo:lo + step]
         local = local_inputs(image01, batch, config)
         glob = global_inputs(image, blurred, batch, config)
         w = token_masks(batch, grid)

@@ -1,0 +1,489 @@
+"""The evaluation loop (resumable) and the outputs of a run.
+
+RUN_DIR/
+  run.json            what is being evaluated: dataset, split, model_version, config (resume guard)
+  predictions.jsonl   one line per expression, appended and flushed as soon as it is computed
+  metrics.json        oIoU / mIoU (full method and hybrid features only), precision@IoU,
+                      calibration of the score, the paper's numbers, the config
+  reliability.png     share of good predictions (IoU >= 0.5) and mean IoU per score bin
+  iou_histogram.png   IoU per expression, full method and hybrid features only
+
+Each image is prepared once (`model.prepare`) for all its pending expressions, which are then
+answered one by one (`model.segment`). A killed run leaves complete lines behind (a torn last
+line is cut off on restart); running the same command again skips every expression already
+in predictions.jsonl, so it continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import calibration, masks as mask_utils
+from .datasets import EvalDataset, ImageGroup
+from .metrics import IoUAccumulator, paper_numbers
+
+log = logging.getLogger("hybridgl.evaluation")
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+RUN_INFO = "run.json"
+RELIABILITY_PNG = "reliability.png"
+HISTOGRAM_PNG = "iou_histogram.png"
+RANKING_KEEP = 5  # alternatives kept per line (index, score)
+
+
+class ResumeError(ValueError):
+    """RUN_DIR holds predictions of a different run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions.jsonl
+
+def read_predictions(path: str | Path, repair: bool = False) -> dict[str, dict]:
+    """Lines of a predictions.jsonl by sample key (str(sent_id)); a later line wins.
+
+    A torn last line (the process was killed while writing it) is ignored, and with
+    `repair` also cut off the file so that appending continues on a clean line.
+    """
+    path = Path(path)
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    good_end = 0
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        end = len(data) if nl < 0 else nl + 1
+        line = data[pos:end].strip()
+        if line:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if nl < 0:  # the torn tail of an interrupted write
+                    break
+                raise ValueError(f"{path}: line is not JSON: {line[:80]!r}")
+            if "sent_id" not in rec:
+                raise ValueError(f"{path}: a line has no sent_id")
+            records[str(rec["sent_id"])] = rec
+        if nl < 0:  # a complete JSON object without its newline: keep it, add the newline later
+            good_end = len(data)
+            break
+        good_end = end
+        pos = end
+    if repair and good_end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - good_end)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    if repair and good_end and data[good_end - 1:good_end] != b"\n":
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return records
+
+
+def write_predictions(records: Iterable[dict], path: str | Path) -> Path:
+    """Write all lines at once, atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class _Appender:
+    def __init__(self, path: Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.f.flush()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# one expression -> one line
+
+def _jsonable_id(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    return value
+
+
+def make_record(sample, seg, view, gt: np.ndarray, reason: str | None = None) -> dict:
+    """The predictions.jsonl line of one expression: masks as COCO RLE, IoU of both predictions."""
+    h, w = gt.shape
+    pred = seg.mask if seg is not None else None
+    if pred is not None and pred.shape != gt.shape:
+        raise ValueError(f"sample {sample.sent_id}: mask {pred.shape} but ground truth {gt.shape}")
+    hybrid_index = getattr(seg, "hybrid_index", None) if seg is not None else None
+    hybrid = view.masks[hybrid_index] if hybrid_index is not None else None
+    i, u = _counts(pred, gt)
+    hi, hu = _counts(hybrid, gt)
+    ranking = [{"index": int(r["index"]), "score": float(r["score"])}
+               for r in (getattr(seg, "ranking", None) or [])[:RANKING_KEEP]]
+    return {
+        "sent_id": _jsonable_id(sample.sent_id),
+        "ref_id": _jsonable_id(sample.ref_id),
+        "image_id": _jsonable_id(sample.image_id),
+        "sentence": sample.sentence,
+        "mask": mask_utils.encode(pred) if pred is not None else mask_utils.empty_rle(h, w),
+        "score": float(seg.score) if seg is not None else 0.0,
+        "index": None if seg is None or seg.index is None else int(seg.index),
+        "iou": i / u if u else 0.0,
+        "intersection": i,
+        "union": u,
+        "hybrid_index": None if hybrid_index is None else int(hybrid_index),
+        "hybrid_mask": mask_utils.encode(hybrid) if hybrid is not None else mask_utils.empty_rle(h, w),
+        "hybrid_iou": hi / hu if hu else 0.0,
+        "hybrid_intersection": hi,
+        "hybrid_union": hu,
+        "gt": mask_utils.encode(gt),
+        "n_proposals": int(len(view)) if view is not None else 0,
+        "ranking": ranking,
+        "reason": reason or (getattr(seg, "reason", None) if seg is not None else "empty expression"),
+    }
+
+
+def _counts(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int]:
+    if pred is None:
+        return 0, int(gt.sum())
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# proposals cache (reuse SAM's masks across ablation runs)
+
+SAM_FIELDS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+              "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
+
+
+class ProposalCache:
+    """`proposals_fn` that keeps SAM's proposals per image in DIR/<image_id>.npz.
+
+    Only the proposal stage is cached (the rest of `prepare` runs every time), keyed by the SAM
+    weights and SAM's settings: runs that differ in fusion mode, guidance or any other
+    non-SAM setting reuse the masks instead of running SAM again.
+    """
+
+    def __init__(self, directory: str | Path, model):
+        from hybridgl.pipeline import weights_fingerprint  # noqa: PLC0415 (torch only when used)
+
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        cfg = model.config.to_dict()
+        blob = json.dumps({"sam": weights_fingerprint(getattr(model, "sam", None)),
+                           **{k: cfg.get(k) for k in SAM_FIELDS}}, sort_keys=True)
+        import hashlib
+
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.hits = self.misses = 0
+
+    def _path(self, group: ImageGroup) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(group.image_id))
+        return self.dir / f"{safe}.npz"
+
+    def __call__(self, group: ImageGroup, image: np.ndarray):
+        from hybridgl.proposals import Proposals  # noqa: PLC0415
+
+        path = self._path(group)
+        h, w = image.shape[:2]
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    if str(z["key"]) == self.key and tuple(int(v) for v in z["shape"][1:]) == (h, w):
+                        n = int(z["shape"][0])
+                        m = np.unpackbits(z["masks"], count=n * h * w).reshape(n, h, w).astype(bool)
+                        self.hits += 1
+                        return Proposals(m, z["boxes"].astype(np.int64), z["quality"].astype(np.float32))
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("ignoring unreadable proposal cache %s (%s)", path, exc)
+        proposer = getattr(self.model, "proposer", None)
+        if proposer is None:
+            raise ValueError(f"no cached proposals for image {group.image_id} and the model has no SAM")
+        props = proposer(image)
+        self.misses += 1
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, key=np.array(self.key), shape=np.array(props.masks.shape, dtype=np.int64),
+                            masks=np.packbits(props.masks.astype(bool).ravel()), boxes=props.boxes_xywh,
+                            quality=props.quality)
+        os.replace(tmp, path)
+        return props
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def _run_info(model, dataset: EvalDataset) -> dict:
+    return {"dataset": dataset.name, "split": dataset.split, "model_version": model.model_version,
+            "parser": getattr(model, "parser_name", None), "device": str(getattr(model, "device", "")),
+            "config": model.config.to_dict(), "config_fingerprint": model.config.fingerprint()}
+
+
+def _check_resume(out_dir: Path, info: dict, overwrite: bool) -> None:
+    pred_path, info_path = out_dir / PREDICTIONS, out_dir / RUN_INFO
+    if overwrite:
+        for p in (pred_path, info_path, out_dir / METRICS):
+            if p.exists():
+                p.unlink()
+        return
+    if not pred_path.exists() or pred_path.stat().st_size == 0:
+        return
+    if not info_path.is_file():
+        raise ResumeError(f"{pred_path} exists but {info_path} does not: not a run of this harness "
+                          "(use another --out, or --overwrite)")
+    old = json.loads(info_path.read_text(encoding="utf-8"))
+    for key in ("dataset", "split", "model_version"):
+        if old.get(key) != info.get(key):
+            raise ResumeError(f"{out_dir} holds a run with {key} = {old.get(key)!r}, this one has "
+                              f"{info.get(key)!r}: use another --out, or --overwrite to start again")
+
+
+def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
+                   proposals_fn: Callable[[ImageGroup, np.ndarray], Any] | None = None,
+                   progress: bool = True, overwrite: bool = False, good_iou: float = 0.5,
+                   targets=calibration.DEFAULT_TARGETS, plots: bool = True) -> dict:
+    """Run `model` on every expression of `dataset` not yet in RUN_DIR/predictions.jsonl, then
+    write metrics.json and the plots. `proposals_fn(group, image)` may supply the proposals
+    (a `Proposals` or bool [N,H,W]); None lets the model's SAM make them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = _run_info(model, dataset)
+    _check_resume(out_dir, info, overwrite)
+    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    pred_path = out_dir / PREDICTIONS
+    # lines of failed expressions (reason "error: ...") are tried again
+    done = {k: r for k, r in read_predictions(pred_path, repair=True).items() if not _failed(r)}
+    total = len(dataset)
+    already = sum(1 for s in dataset.samples() if s.key in done)
+    if already:
+        log.info("resuming: %d of %d expressions already in %s", already, total, pred_path)
+
+    bar = _progress(total, already, progress, f"{dataset.name} {dataset.split}")
+    writer = _Appender(pred_path)
+    t0, images_done, exprs_done = time.perf_counter(), 0, 0
+    failures = _Failures(limit=min(5, max(1, total - already)))
+    try:
+        for group in dataset.groups:
+            pending = [s for s in group.samples if s.key not in done]
+            if not pending:
+                continue
+            gts = {k: group.ground_truth(k) for k in dict.fromkeys(s.gt_key for s in pending)}
+            try:
+                image = group.load_image()
+                proposals = proposals_fn(group, image) if proposals_fn is not None else None
+                view = model.prepare(image, proposals=proposals)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop a 10-hour run
+                failures.check(exc, len(pending))
+                log.error("image %s failed (%s: %s): its %d expressions count as empty predictions",
+                          group.image_id, type(exc).__name__, exc, len(pending))
+                for sample in pending:
+                    rec = make_record(sample, None, None, gts[sample.gt_key],
+                                      reason=f"error: {type(exc).__name__}: {exc}")
+                    writer.write(rec)
+                    done[sample.key] = rec
+                    bar.update(1)
+                writer.sync()
+                continue
+            for sample in pending:
+                reason = None
+                try:
+                    seg = model.segment(view, sample.sentence) if sample.sentence.strip() else None
+                    failures.ok()
+                except Exception as exc:  # noqa: BLE001
+                    failures.check(exc, 1)
+                    log.error("sent_id %s failed (%s: %s): counted as an empty prediction",
+                              sample.sent_id, type(exc).__name__, exc)
+                    seg, reason = None, f"error: {type(exc).__name__}: {exc}"
+                rec = make_record(sample, seg, view, gts[sample.gt_key], reason=reason)
+                writer.write(rec)
+                done[sample.key] = rec
+                exprs_done += 1
+                bar.update(1)
+            images_done += 1
+            writer.sync()
+    finally:
+        writer.close()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    records = [done[s.key] for s in dataset.samples() if s.key in done]
+    extra = {"run": {"images_prepared": images_done, "expressions_segmented": exprs_done,
+                     "errors": failures.count,
+                     "resumed_from": already, "seconds": round(elapsed, 3),
+                     "seconds_per_expression": round(elapsed / exprs_done, 4) if exprs_done else None,
+                     "device": info["device"]},
+             "num_images": dataset.num_images, "skipped": dataset.skipped}
+    if isinstance(proposals_fn, ProposalCache):
+        extra["run"]["proposal_cache"] = {"hits": proposals_fn.hits, "misses": proposals_fn.misses}
+    return write_outputs(records, out_dir, {**info, **extra}, good_iou=good_iou, targets=targets,
+                         plots=plots, write_lines=False)
+
+
+def _failed(rec: dict) -> bool:
+    return str(rec.get("reason") or "").startswith("error:")
+
+
+class _Failures:
+    """Counts failed expressions; re-raises when everything tried so far failed (a setup error,
+    not a bad sample: a wrong image folder, a broken model) once `limit` expressions failed."""
+
+    def __init__(self, limit: int = 5):
+        self.limit, self.count, self.succeeded = limit, 0, 0
+
+    def ok(self) -> None:
+        self.succeeded += 1
+
+    def check(self, exc: BaseException, n: int) -> None:
+        self.count += n
+        if self.succeeded == 0 and self.count >= self.limit:
+            raise exc
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+    return tqdm(total=total, initial=initial, unit="expr", desc=desc, dynamic_ncols=True, smoothing=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics from lines (a run, a re-scoring, a Label Studio export)
+
+def compute_metrics(records: list[dict], good_iou: float = 0.5,
+                    targets=calibration.DEFAULT_TARGETS) -> dict:
+    full = IoUAccumulator()
+    for r in records:
+        full.add(r["intersection"], r["union"])
+    out = full.result()
+    has_hybrid = bool(records) and all(r.get("hybrid_union") is not None for r in records)
+    if has_hybrid:
+        hyb = IoUAccumulator()
+        for r in records:
+            hyb.add(r["hybrid_intersection"], r["hybrid_union"])
+        out["hybrid_only"] = hyb.result()
+    else:
+        out["hybrid_only"] = None
+    out["no_prediction"] = sum(1 for r in records if r.get("reason"))
+    out["errors"] = sum(1 for r in records if _failed(r))
+    out["calibration"] = calibration.calibration_report([r.get("score", 0.0) for r in records],
+                                                        full.ious, good_iou=good_iou, targets=targets)
+    return out
+
+
+def write_outputs(records: list[dict], out_dir: str | Path, info: dict, good_iou: float = 0.5,
+                  targets=calibration.DEFAULT_TARGETS, plots: bool = True, write_lines: bool = True) -> dict:
+    """metrics.json (+ plots, + predictions.jsonl when `write_lines`) for these lines."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if write_lines:
+        write_predictions(records, out_dir / PREDICTIONS)
+    m = compute_metrics(records, good_iou=good_iou, targets=targets)
+    metrics = {"dataset": info.get("dataset"), "split": info.get("split"), "n": m["n"],
+               "oIoU": m["oIoU"], "mIoU": m["mIoU"], "precision": m["precision"],
+               "intersection": m["intersection"], "union": m["union"],
+               "hybrid_only": None, "no_prediction": m["no_prediction"], "errors": m["errors"]}
+    if m["hybrid_only"] is not None:
+        h = m["hybrid_only"]
+        metrics["hybrid_only"] = {"oIoU": h["oIoU"], "mIoU": h["mIoU"], "precision": h["precision"]}
+    paper = paper_numbers(info.get("dataset"), info.get("split"))
+    metrics["paper"] = {k: (None if v is None else {"oIoU": v[0], "mIoU": v[1]}) for k, v in paper.items()}
+    metrics["calibration"] = m["calibration"]
+    for key, value in info.items():
+        if key not in metrics:
+            metrics[key] = value
+    files = {"predictions": PREDICTIONS, "metrics": METRICS}
+    if plots and records:
+        calibration.plot_reliability(m["calibration"], out_dir / RELIABILITY_PNG)
+        hybrid_ious = [r.get("hybrid_iou", 0.0) for r in records] if m["hybrid_only"] is not None else None
+        calibration.plot_iou_histogram([r["iou"] for r in records], out_dir / HISTOGRAM_PNG, hybrid_ious)
+        files.update(reliability_plot=RELIABILITY_PNG, iou_histogram=HISTOGRAM_PNG)
+    metrics["files"] = files
+    tmp = out_dir / (METRICS + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    os.replace(tmp, out_dir / METRICS)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# re-scoring
+
+def rescore_record(rec: dict, gt: np.ndarray | dict | None = None) -> dict:
+    """Recompute a line's IoUs from its RLE masks, against `gt` (a mask or RLE) or its own "gt"."""
+    rec = dict(rec)
+    gt_rle = mask_utils.encode(gt) if isinstance(gt, np.ndarray) else (gt if gt is not None else rec.get("gt"))
+    if gt_rle is not None:
+        rec["gt"] = gt_rle
+        i, u = mask_utils.rle_intersection_union(rec.get("mask"), gt_rle)
+        rec.update(intersection=i, union=u, iou=i / u if u else 0.0)
+        if "hybrid_mask" in rec or rec.get("hybrid_union") is not None:
+            hi, hu = mask_utils.rle_intersection_union(rec.get("hybrid_mask"), gt_rle)
+            rec.update(hybrid_intersection=hi, hybrid_union=hu, hybrid_iou=hi / hu if hu else 0.0)
+    elif rec.get("intersection") is None or rec.get("union") is None:
+        raise ValueError(f"line {rec.get('sent_id')}: no ground truth (\"gt\") and no intersection/union: "
+                         "give --dataset/--split/--data-root to re-score against the dataset")
+    else:
+        i, u = int(rec["intersection"]), int(rec["union"])
+        rec["iou"] = i / u if u else 0.0
+    rec.setdefault("score", 0.0)
+    return rec
+
+
+def rescore(predictions: str | Path, out_dir: str | Path | None = None, dataset: EvalDataset | None = None,
+            good_iou: float = 0.5, targets=calibration.DEFAULT_TARGETS, plots: bool = True) -> dict:
+    """Metrics of an existing predictions.jsonl, no model: IoUs recomputed from the RLE masks
+    (against the dataset's ground truth when `dataset` is given, else each line's "gt")."""
+    predictions = Path(predictions)
+    if not predictions.is_file():
+        raise FileNotFoundError(f"predictions file not found: {predictions}")
+    out_dir = Path(out_dir) if out_dir else predictions.parent
+    by_key = read_predictions(predictions)
+    info: dict = {}
+    src_info = predictions.parent / RUN_INFO
+    if src_info.is_file():
+        info = json.loads(src_info.read_text(encoding="utf-8"))
+    if dataset is not None:
+        info.update(dataset=dataset.name, split=dataset.split)
+        records, missing = [], 0
+        for group in dataset.groups:
+            present = [s for s in group.samples if s.key in by_key]
+            missing += len(group.samples) - len(present)
+            if not present:
+                continue
+            gts = {k: group.ground_truth(k) for k in dict.fromkeys(s.gt_key for s in present)}
+            records += [rescore_record(by_key[s.key], gts[s.gt_key]) for s in present]
+        if missing:
+            log.warning("%d expressions of %s %s have no line in %s", missing, dataset.name, dataset.split,
+                        predictions)
+        info["missing"] = missing
+    else:
+        records = [rescore_record(r) for r in by_key.values()]
+    info["rescored_from"] = str(predictions)
+    if out_dir.resolve() != predictions.parent.resolve() and src_info.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_INFO).write_text(src_info.read_text(encoding="utf-8"), encoding="utf-8")
+    return write_outputs(records, out_dir, info, good_iou=good_iou, targets=targets, plots=plots, write_lines=True)
