@@ -101,6 +101,13 @@ class PreparedView:
     def __len__(self) -> int:
         return len(self.proposals)
 
+    def subset(self, indices: list[int] | np.ndarray) -> "PreparedView":
+        """The same view restricted to some proposals (no recomputation); indices into this view."""
+        idx = np.asarray(indices, dtype=np.int64)
+        props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
+        return PreparedView(self.image, props, self.features[torch.from_numpy(idx).to(self.features.device)],
+                            self.tokens)
+
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:
             self._device_masks = torch.from_numpy(self.proposals.masks).to(device)

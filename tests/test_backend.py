@@ -1,0 +1,365 @@
+"""The backend in-process: every endpoint, config shape, image source and error, on the tiny models.
+
+A small stdlib HTTP server on 127.0.0.1 plays Label Studio's file endpoints (uploads with token
+auth, the PAT refresh, cloud presign redirects) so that the real download code runs.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from backend._wsgi import create_app
+from backend.images import decode_image
+from backend.labeling import TaskError, parse_config
+from backend.model import HybridGLBackend
+from backend.settings import Settings
+
+from tiny_models import GOLDEN_DIR, tiny_hybridgl
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Text name="expr" value="$text"/>
+  <BrushLabels name="mask" toName="image">
+    <Label value="Target"/><Label value="Other"/>
+  </BrushLabels>
+</View>"""
+TOKEN = "legacy-token-0123456789"
+PAT = ".".join(base64.urlsafe_b64encode(json.dumps(p).encode()).decode().rstrip("=")
+               for p in ({"alg": "HS256", "typ": "JWT"}, {"token_type": "refresh"})) + ".c2ln"
+IMAGE_A = (GOLDEN_DIR / "p00_cup_left_of_plate" / "image.png").read_bytes()
+IMAGE_B = (GOLDEN_DIR / "p07_chair_in_middle" / "image.png").read_bytes()
+
+
+class FakeLabelStudio:
+    """Uploads at /data/upload/<name> (Token or refreshed Bearer auth), /api/token/refresh, presign."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.log: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def authorized(self) -> bool:
+                return self.headers.get("Authorization") in (f"Token {TOKEN}", "Bearer access-1")
+
+            def do_POST(self):
+                outer.log.append((self.path, self.headers.get("Authorization")))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/api/token/refresh" and body.get("refresh") == PAT:
+                    data = json.dumps({"access": "access-1"}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                else:
+                    self.send_error(401)
+
+            def do_GET(self):
+                outer.log.append((self.path, self.headers.get("Authorization")))
+                url = urlparse(self.path)
+                if url.path.startswith("/tasks/") and url.path.endswith("/presign/"):
+                    uri = base64.urlsafe_b64decode(parse_qs(url.query)["fileuri"][0]).decode()
+                    if not self.authorized():
+                        return self.send_error(401)
+                    self.send_response(302)
+                    self.send_header("Location", "/bucket/" + uri.split("/")[-1])
+                    self.end_headers()
+                    return
+                name = url.path.split("/")[-1]
+                if url.path.startswith("/data/upload/") and not self.authorized():
+                    return self.send_error(401)
+                if name not in outer.files:
+                    return self.send_error(404)
+                data = outer.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def png(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ls():
+    server = FakeLabelStudio({"a.png": IMAGE_A, "b.png": IMAGE_B, "broken.png": IMAGE_A[:300],
+                              "text.png": b"this is not an image"})
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hybridgl(sam=True)
+
+
+def make_client(model, **settings):
+    backend = HybridGLBackend(model, Settings(**settings))
+    return backend, create_app(backend).test_client()
+
+
+@pytest.fixture(scope="module")
+def client(model, ls):
+    return make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+
+
+def task(i, image="a.png", text="the cup to the left of the plate"):
+    return {"id": i, "data": {"image": f"/data/upload/1/{image}", "text": text}}
+
+
+def predict(client, tasks, config=CONFIG, context=None):
+    r = client.post("/predict", json={"tasks": tasks, "label_config": config, "params": {"context": context}})
+    assert r.status_code == 200
+    return r.get_json()["results"]
+
+
+def decoded(region) -> np.ndarray:
+    h, w = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def test_health_setup_webhook_metrics(client):
+    backend, c = client
+    health = c.get("/health").get_json()
+    assert health["status"] == "UP" and health["model_class"] == "HybridGLBackend"
+    assert health["device"] == "cpu" and health["parser"] == "rules"
+    assert c.get("/").get_json() == health
+    first = c.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json()
+    second = c.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json()
+    assert first == second == {"model_version": health["model_version"]}
+    for action in ("ANNOTATION_CREATED", "PROJECT_UPDATED", "START_TRAINING", "whatever"):
+        assert c.post("/webhook", json={"action": action}).status_code == 200
+    assert c.get("/metrics").get_json()["counts"]["webhook.START_TRAINING"] == 1
+
+
+def test_prediction_matches_the_library(client, model):
+    backend, c = client
+    (result,) = predict(c, [task(1)])
+    assert result["model_version"] == backend.model_version
+    (region,) = result["result"]
+    assert region["type"] == "brushlabels" and region["from_name"] == "mask" and region["to_name"] == "image"
+    assert region["value"]["brushlabels"] == ["Target"] and region["image_rotation"] == 0
+    image = Image.open(io.BytesIO(IMAGE_A))
+    assert (region["original_width"], region["original_height"]) == image.size
+    seg = model.segment(model.prepare(image), "the cup to the left of the plate")
+    np.testing.assert_array_equal(decoded(region), seg.mask)
+    assert result["score"] == pytest.approx(seg.score) and region["score"] == pytest.approx(seg.score)
+
+
+def test_batch_order_shared_image_cache_and_bad_tasks(client):
+    backend, c = client
+    before = backend.counters.snapshot()
+    tasks = [task(10, "a.png", "the plate"), task(11, "missing.png"), task(12, "b.png", "the chair"),
+             task(13, "a.png", "the cup"), {"id": 14, "data": {"image": "/data/upload/1/a.png"}},
+             task(15, "broken.png"), task(16, "text.png"), task(17, "a.png", "   ")]
+    results = predict(c, tasks)
+    assert len(results) == len(tasks)
+    ok = [i for i, r in enumerate(results) if "result" in r]
+    assert ok == [0, 2, 3]
+    kinds = [r.get("kind") for r in results]
+    assert kinds[1] == "missing_image" and kinds[4] == "no_expression" and kinds[5] == "bad_image"
+    assert kinds[6] == "bad_image" and kinds[7] == "no_expression"
+    after = backend.counters.snapshot()
+    assert after.get("errors.missing_image", 0) - before.get("errors.missing_image", 0) == 1
+    assert after.get("errors.bad_image", 0) - before.get("errors.bad_image", 0) == 2
+    # two tasks on a.png: the second reuses the prepared image (the first may be cached already)
+    assert after.get("cache.hits", 0) - before.get("cache.hits", 0) >= 1
+    metrics = c.get("/metrics").get_json()["counts"]
+    assert metrics["errors.no_expression"] >= 2
+
+
+@pytest.mark.parametrize("config, message", [
+    ("<View><Text name='t' value='$text'/></View>", "no <Image"),
+    ("<View><Image name='image' value='$image'/><Text name='t' value='$text'/></View>", "no <BrushLabels>"),
+    ("<View><Image name='image' value='$image'/><BrushLabels name='m' toName='image'><Label value='A'/>"
+     "</BrushLabels></View>", "no <Text"),
+    ("<View><Image", "not valid XML"),
+    ("", "no labelling config"),
+])
+def test_wrong_configs_give_a_clear_error_per_task(client, config, message):
+    _, c = client
+    results = predict(c, [task(1), task(2)], config=config)
+    assert len(results) == 2
+    for r in results:
+        assert "result" not in r and r["kind"] == "config" and message in r["error"]
+
+
+def test_config_attribute_chooses_label_and_text_field():
+    xml = ("<View><Image name='img' value='$photo'/><Text name='a' value='$caption'/><Text name='b' value='$ref'/>"
+           "<BrushLabels name='m' toName='img' hybridgl_label='Other' hybridgl_text='ref'>"
+           "<Label value='Target'/><Label value='Other'/></BrushLabels></View>")
+    ui = parse_config(xml)
+    assert (ui.image_name, ui.image_field, ui.brush_name, ui.label, ui.text_field) == ("img", "photo", "m", "Other", "ref")
+    with pytest.raises(TaskError, match="not a Label"):
+        parse_config(xml.replace("hybridgl_label='Other'", "hybridgl_label='Nope'"))
+
+
+def test_alternatives_and_interactive_context(model, ls):
+    backend, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, alternatives=3)
+    assert backend.model_version.endswith("-alt3")
+    (preds,) = predict(c, [task(1)])
+    assert isinstance(preds, list) and len(preds) == 3
+    masks = [decoded(p["result"][0]) for p in preds]
+    assert not np.array_equal(masks[0], masks[1])
+    assert preds[0]["score"] >= preds[1]["score"] >= preds[2]["score"]
+    # a TextArea prompt replaces the task's text; a clicked point restricts the candidates
+    view = backend.prepared(IMAGE_A, decode_image(IMAGE_A, 10**8))
+    y, x = np.argwhere(view.masks[0])[0]
+    h, w = view.size
+    context = {"result": [
+        {"type": "textarea", "from_name": "prompt", "value": {"text": ["the plate"]}},
+        {"type": "keypointlabels", "is_positive": True, "value": {"x": 100 * (x + 0.5) / w, "y": 100 * (y + 0.5) / h}},
+    ]}
+    config = CONFIG.replace("</View>", "<TextArea name='prompt' toName='image'/></View>")
+    (pred,) = predict(c, [task(1, text="ignored")], config=config, context=context)
+    assert isinstance(pred, dict)  # interactive: the one best suggestion
+    m = decoded(pred["result"][0])
+    assert m[y, x]  # the chosen proposal contains the clicked point
+    allowed = [i for i in range(len(view)) if view.masks[i, y, x]]
+    expected = backend.model.segment(view.subset(allowed), "the plate")
+    np.testing.assert_array_equal(m, view.masks[allowed[expected.index]])
+
+
+def test_empty_proposals_give_an_empty_prediction_with_score_zero(ls):
+    strict = tiny_hybridgl(sam=True, config=None, pred_iou_thresh=0.99, stability_score_thresh=0.99)
+    _, c = make_client(strict, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+    (result,) = predict(c, [task(1)])
+    assert result["result"] == [] and result["score"] == 0.0
+
+
+def test_personal_access_token_is_refreshed(model, ls):
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=PAT)
+    (result,) = predict(c, [task(1)])
+    assert "result" in result
+    assert ("/api/token/refresh", None) in ls.log
+    assert any(auth == "Bearer access-1" and path.startswith("/data/upload/") for path, auth in ls.log)
+
+
+def test_setup_hostname_and_token_take_precedence(model, ls):
+    _, c = make_client(model)  # nothing in the environment
+    (result,) = predict(c, [task(1)])
+    assert result["kind"] == "no_label_studio"
+    c.post("/setup", json={"hostname": ls.url, "access_token": TOKEN})
+    (result,) = predict(c, [task(1)])
+    assert "result" in result
+
+
+def test_cloud_uri_goes_through_presign(client, ls):
+    _, c = client
+    (result,) = predict(c, [{"id": 77, "data": {"image": "s3://bucket/b.png", "text": "the chair"}}])
+    assert "result" in result
+    assert any(p.startswith("/tasks/77/presign/?fileuri=") for p, _ in ls.log)
+
+
+def test_local_files_root_and_traversal_refused(model, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(IMAGE_A)
+    (tmp_path / "secret.png").write_bytes(IMAGE_A)
+    _, c = make_client(model, local_files_root=tmp_path / "imgs")
+    ok, outside, absent = predict(c, [
+        {"id": 1, "data": {"image": "/data/local-files/?d=a.png", "text": "the cup"}},
+        {"id": 2, "data": {"image": "/data/local-files/?d=../secret.png", "text": "the cup"}},
+        {"id": 3, "data": {"image": "/data/local-files/?d=nope.png", "text": "the cup"}},
+    ])
+    assert "result" in ok and outside["kind"] == "forbidden" and absent["kind"] == "missing_image"
+
+
+def test_foreign_hosts_need_the_allow_list(model, ls):
+    foreign = ls.url.replace("127.0.0.1", "localhost") + "/bucket/a.png"
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+    (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
+    assert result["kind"] == "forbidden" and "HYBRIDGL_ALLOWED_HOSTS" in result["error"]
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, allowed_hosts=("localhost",))
+    (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
+    assert "result" in result
+    assert not any(auth and path == "/bucket/a.png" for path, auth in ls.log)  # no token to other hosts
+
+
+def test_basic_auth(model):
+    _, c = make_client(model, basic_auth_user="ls", basic_auth_pass="pw")
+    assert c.get("/health").status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:no").decode()}
+    assert c.get("/health", headers=good).status_code == 200
+    assert c.post("/setup", json={}, headers=bad).status_code == 401
+
+
+def test_malformed_requests(client):
+    _, c = client
+    assert c.post("/predict", data="nope", content_type="application/json").status_code == 400
+    assert c.post("/predict", json={"tasks": "x"}).status_code == 400
+    (r,) = predict(c, [task(1, text="x" * 5000)])
+    assert r["kind"] == "bad_expression"
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: png((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)), (48, 64, 3)),  # 16-bit grey
+    (lambda: png(np.full((20, 30), 7, np.uint8), "L"), (20, 30, 3)),
+    (lambda: png(np.zeros((20, 30, 4), np.uint8), "RGBA"), (20, 30, 3)),
+    (lambda: _save(Image.new("P", (30, 20))), (20, 30, 3)),
+    (lambda: _save(Image.new("CMYK", (30, 20), (0, 255, 0, 0)), "JPEG"), (20, 30, 3)),
+])
+def test_image_modes_decode_to_rgb(make, shape):
+    out = decode_image(make(), 10**8)
+    assert out.shape == shape and out.dtype == np.uint8
+
+
+def test_cmyk_colour_and_bombs():
+    cyan = decode_image(_save(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), "TIFF"), 10**8)
+    assert tuple(cyan[0, 0]) == (0, 255, 255)
+    with pytest.raises(TaskError, match="exceeds HYBRIDGL_MAX_IMAGE_PIXELS"):
+        decode_image(png(np.zeros((100, 100, 3), np.uint8)), 5000)
+    with pytest.raises(TaskError, match="not an image"):
+        decode_image(b"GIF89a-not-really", 10**8)
+
+
+def test_health_answers_while_a_prediction_runs(model, ls):
+    backend, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, cache_images=0)
+    app = create_app(backend)
+    done = threading.Event()
+
+    def slow():
+        with app.test_client() as cc:
+            cc.post("/predict", json={"tasks": [task(i) for i in range(3)], "label_config": CONFIG})
+        done.set()
+
+    with backend.gpu_lock:  # hold the model: /predict must wait, /health and /setup must not
+        t = threading.Thread(target=slow)
+        t.start()
+        start = time.time()
+        assert app.test_client().get("/health").status_code == 200
+        assert app.test_client().post("/setup", json={}).status_code == 200
+        assert time.time() - start < 1.0 and not done.is_set()
+    t.join(120)
+    assert done.is_set()
+
+
+def _save(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
