@@ -132,7 +132,8 @@ class ImageFetcher:
                                             "check LABEL_STUDIO_API_KEY / the project's token")
                 if r.status_code == 404:
                     raise TaskError("missing_image", f"image not found ({url.split('?')[0]})")
-                r.raise_for_status()
+                if r.status_code >= 400:  # Label Studio 1.23 answers 500 for a missing upload
+                    raise TaskError("fetch", f"image download failed: HTTP {r.status_code} for {url.split('?')[0]}")
                 out = io.BytesIO()
                 for block in r.iter_content(1 << 16):
                     out.write(block)

@@ -1,0 +1,147 @@
+"""A real Label Studio and our backend as processes on 127.0.0.1, for end-to-end tests.
+
+Every wait is bounded; every server is stopped by its own PID (process group) at the end.
+Pitfalls handled (see docs): legacy tokens enabled on the first start, local ML URLs allowed,
+the prefixed env names, a free port picked first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib import error, request
+
+ROOT = Path(__file__).resolve().parents[2]
+LS_VENV = ROOT / ".venv-ls"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+class Process:
+    """A server process in its own process group, stopped by PID."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen(args, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._out.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+class LabelStudio:
+    """`label-studio start` on a throw-away data dir, plus a tiny API client (stdlib only)."""
+
+    def __init__(self, work: Path, start_timeout: float = 240):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = uuid.uuid4().hex
+        data = work / "ls-data"
+        data.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))}
+        for name in ("HOST", "PORT", "USERNAME", "PASSWORD"):  # LS would read these unprefixed names too
+            env.pop(name, None)
+        env.update({
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data), "LABEL_STUDIO_HOST": self.url,
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+            "LABEL_STUDIO_LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+            "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
+        })
+        self.process = Process([str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
+                                "127.0.0.1", "--port", str(self.port), "--data-dir", str(data), "--username",
+                                "e2e@example.com", "--password", "e2e-password-123", "--user-token", self.token,
+                                "--enable-legacy-api-token"], env, work / "label-studio.log")
+        try:
+            wait_http(self.url + "/health", start_timeout, self.process.proc)
+        except Exception:
+            log = self.process.tail()
+            self.process.stop()
+            raise RuntimeError(f"Label Studio did not start:\n{log}")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def api(self, method: str, path: str, body=None, raw: bytes | None = None, content_type: str | None = None,
+            timeout: float = 120):
+        headers = {"Authorization": f"Token {self.token}"}
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        req = request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with request.urlopen(req, timeout=timeout) as r:
+                text = r.read().decode()
+        except error.HTTPError as exc:
+            raise RuntimeError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from exc
+        return json.loads(text) if text else None
+
+    def upload(self, project: int, name: str, data: bytes) -> str:
+        """Upload a file (multipart) without creating a task; returns its /data/upload/... URL."""
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        out = self.api("POST", f"/api/projects/{project}/import?commit_to_project=false", raw=body,
+                       content_type=f"multipart/form-data; boundary={boundary}")
+        ids = out["file_upload_ids"]
+        files = self.api("GET", f"/api/projects/{project}/file-uploads?ids={json.dumps(ids)}")
+        return "/data/" + files[0]["file"]
+
+
+class Backend:
+    """tests/e2e/serve_tiny.py as its own process."""
+
+    def __init__(self, work: Path, env: dict | None = None, start_timeout: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **(env or {})}
+        self.process = Process([sys.executable, str(ROOT / "tests" / "e2e" / "serve_tiny.py"), "--host",
+                                "127.0.0.1", "--port", str(self.port)], full_env, work / "backend.log")
+        try:
+            wait_http(self.url + "/health", start_timeout, self.process.proc)
+        except Exception:
+            log = self.process.tail()
+            self.process.stop()
+            raise RuntimeError(f"the backend did not start:\n{log}")
+
+    def stop(self) -> None:
+        self.process.stop()
