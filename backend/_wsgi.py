@@ -13,32 +13,47 @@ import time
 from typing import Any
 
 from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
 
+from . import quality
 from .model import HybridGLBackend
 from .settings import Settings
 
 log = logging.getLogger("backend")
 
+MAX_REQUEST_BYTES = 128 * 1024 * 1024
 
-def load_backend(settings: Settings) -> HybridGLBackend:
-    """The models, loaded once per process from the settings."""
+
+def load_backend(settings: Settings | None = None) -> HybridGLBackend:
+    """The models, loaded once per process from the settings (weights under MODEL_DIR)."""
     from hybridgl import HybridGL
 
-    sam = None if settings.sam_model.lower() == "none" else settings.sam_model
+    settings = settings or Settings.from_env()
+    sam: Any = None if settings.sam_model.strip().lower() in ("none", "") else settings.sam_model
     model = HybridGL.from_pretrained(clip=settings.clip_model, sam=sam, sam_checkpoint=settings.sam_checkpoint,
-                                     parser=settings.parser, device=settings.device, config=settings.config)
+                                     parser=settings.parser, device=settings.device,
+                                     config=settings.hybridgl_config())
     return HybridGLBackend(model, settings)
 
 
+def configure_logging() -> None:
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("backend").setLevel(level)
+
+
 def create_app(backend: HybridGLBackend | None = None, settings: Settings | None = None) -> Flask:
+    """The Flask app around one HybridGLBackend (loaded from the environment unless given)."""
+    configure_logging()
     settings = settings or (backend.settings if backend else Settings.from_env())
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.time()
-    backend = backend or load_backend(settings)
+    if backend is None:
+        log.info("loading models: %s", settings.describe())
+        backend = load_backend(settings)
     log.info("backend ready in %.1f s: %s on %s, parser %s", time.time() - started, backend.model_version,
              backend.model.device, backend.model.parser_name)
     app = Flask("hybridgl-backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.config["backend"] = backend
 
     @app.before_request
@@ -47,9 +62,19 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
         if not user:
             return None
         auth = request.authorization
-        if auth and hmac.compare_digest(auth.username or "", user) and hmac.compare_digest(auth.password or "", password or ""):
+        if auth and hmac.compare_digest((auth.username or "").encode(), user.encode()) and \
+                hmac.compare_digest((auth.password or "").encode(), (password or "").encode()):
             return None
         return jsonify({"error": "authentication required"}), 401, {"WWW-Authenticate": 'Basic realm="hybridgl"'}
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify({"error": exc.description, "status": exc.code}), exc.code
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):  # never reached by task problems; those are per task
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify({"error": f"internal error: {exc.__class__.__name__}"}), 500
 
     @app.get("/")
     @app.get("/health")
@@ -59,31 +84,53 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
 
     @app.post("/setup")
     def setup():
-        payload = request.get_json(silent=True) or {}
-        return jsonify(backend.setup(hostname=payload.get("hostname"), access_token=payload.get("access_token")))
+        payload = request.get_json(silent=True)
+        payload = payload if isinstance(payload, dict) else {}
+        return jsonify(backend.setup(hostname=_str(payload.get("hostname")),
+                                     access_token=_str(payload.get("access_token")),
+                                     project=payload.get("project"), schema=payload.get("schema")))
 
     @app.post("/predict")
     def predict():
         payload = request.get_json(silent=True)
         if not isinstance(payload, dict) or not isinstance(payload.get("tasks"), list):
-            return jsonify({"error": "expected JSON {\"tasks\": [...], \"label_config\": ...}"}), 400
-        params = payload.get("params") or {}
-        config = payload.get("label_config") or payload.get("schema")
-        results = backend.predict(payload["tasks"], context=params.get("context"), label_config=config)
+            return jsonify({"error": 'expected JSON {"tasks": [...], "label_config": "<View>...</View>"}'}), 400
+        params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
+        context = params.get("context") if isinstance(params.get("context"), dict) else None
+        started = time.time()
+        results = backend.predict(payload["tasks"], context=context,
+                                  label_config=payload.get("label_config") or payload.get("schema"),
+                                  project=payload.get("project"))
+        backend.counters.add("requests.predict")
+        log.info("predict: %d tasks in %.2f s%s", len(results), time.time() - started,
+                 " (interactive)" if context else "")
         return jsonify({"results": results, "model_version": backend.model_version})
 
     @app.post("/webhook")
     def webhook():
-        payload: dict[str, Any] = request.get_json(silent=True) or {}
-        action = payload.get("action", "")
-        backend.counters.add(f"webhook.{action or 'unknown'}")
-        return jsonify({"status": "ok", "action": action})
+        payload = request.get_json(silent=True)
+        payload = payload if isinstance(payload, dict) else {}
+        answer = backend.webhook(payload)
+        if quality.concerns(payload):  # annotator corrections, scored on a background thread
+            try:
+                answer["quality"] = "queued" if quality.tracker_for(backend).submit(payload) else "ignored"
+            except (OSError, quality.sqlite3.Error) as exc:
+                log.warning("webhook: quality store unavailable: %s", exc)
+                answer["quality"] = "unavailable"
+        return jsonify(answer)
 
     @app.get("/metrics")
     def metrics():
-        return jsonify({"model_version": backend.model_version, "counts": backend.counters.snapshot()})
+        return jsonify({"model_version": backend.model_version, "uptime_s": round(time.time() - backend.started, 1),
+                        "busy": backend.busy, "cached_images": backend.cache_size(),
+                        "counts": backend.counters.snapshot(), "seconds": backend.counters.seconds_snapshot(),
+                        "quality": quality.metrics_for(backend)})
 
     return app
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def __getattr__(name: str):

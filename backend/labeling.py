@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 class TaskError(Exception):
@@ -32,6 +33,7 @@ def _field(value: str | None) -> str | None:
     return None
 
 
+@lru_cache(maxsize=64)
 def parse_config(xml: str | None) -> Interface:
     """Find Image + BrushLabels (toName = that image) + a Text or TextArea in a labelling config."""
     if not xml or not xml.strip():
@@ -46,10 +48,14 @@ def parse_config(xml: str | None) -> Interface:
         raise TaskError("config", "the labelling config has no <Image name=... value=\"$field\"/>")
     brushes = [t for t in tags if t.tag == "BrushLabels"]
     image_names = {t.get("name") for t in images}
-    brush = next((b for b in brushes if b.get("toName") in image_names), None)
+
+    def targets(tag) -> list[str]:  # toName may list several objects: "img1,img2"
+        return [n.strip() for n in (tag.get("toName") or "").split(",") if n.strip() in image_names]
+
+    brush = next((b for b in brushes if targets(b)), None)
     if brush is None:
         raise TaskError("config", "the labelling config has no <BrushLabels> whose toName is an Image")
-    image = next(t for t in images if t.get("name") == brush.get("toName"))
+    image = next(t for t in images if t.get("name") == targets(brush)[0])
     labels = [lab.get("value") for lab in brush.iter("Label") if lab.get("value")]
     if not labels:
         raise TaskError("config", f"<BrushLabels name=\"{brush.get('name')}\"> has no <Label value=...>")
@@ -69,44 +75,90 @@ def parse_config(xml: str | None) -> Interface:
 
 @dataclass(frozen=True)
 class Hints:
-    """What the annotator gave interactively: expression text, a positive point, a box (pixels)."""
+    """What the annotator gave interactively, in pixels of the (EXIF-transposed) image."""
 
-    text: str | None = None
-    point: tuple[float, float] | None = None  # (x, y)
-    box: tuple[float, float, float, float] | None = None  # (x, y, w, h)
+    text: str | None = None  # a TextArea prompt: replaces the task's expression
+    points: tuple[tuple[float, float], ...] = ()  # positive keypoints (x, y): candidates must contain all
+    negative_points: tuple[tuple[float, float], ...] = ()  # negative keypoints: candidates must contain none
+    box: tuple[float, float, float, float] | None = None  # a rectangle (x, y, w, h): best-overlapping candidates
+
+    @property
+    def restricts(self) -> bool:
+        return bool(self.points or self.negative_points or self.box is not None)
+
+
+def _percent(value: dict, key: str, scale: int) -> float:
+    try:
+        v = float(value[key])
+    except (KeyError, TypeError, ValueError):
+        raise TaskError("bad_context", f"an interactive region lacks a numeric '{key}'") from None
+    if v != v or abs(v) == float("inf"):
+        raise TaskError("bad_context", f"an interactive region has a non-finite '{key}'")
+    return v / 100 * scale
+
+
+def _textarea_text(region: dict, interface: Interface) -> str | None:
+    if interface.textarea_names and region.get("from_name") not in interface.textarea_names:
+        return None
+    value = region.get("value") if isinstance(region.get("value"), dict) else {}
+    parts = value.get("text") or []
+    joined = " ".join(p for p in (parts if isinstance(parts, list) else [parts]) if isinstance(p, str))
+    return joined.strip() or None
+
+
+def context_text(context: dict | None, interface: Interface) -> str | None:
+    """The TextArea text of an interactive request (the last non-empty one), else None."""
+    if not isinstance(context, dict) or not isinstance(context.get("result"), list):
+        return None
+    text = None
+    for region in context["result"]:
+        if isinstance(region, dict) and region.get("type") == "textarea":
+            text = _textarea_text(region, interface) or text
+    return text
 
 
 def read_context(context: dict | None, interface: Interface, size: tuple[int, int]) -> Hints:
-    """Smart-tool regions and TextArea text from an interactive request; size = (H, W) of the image."""
-    if not context or not isinstance(context.get("result"), list):
+    """Smart-tool regions and TextArea text from an interactive request; size = (H, W) of the image.
+
+    Coordinates in the context are percentages of the original (displayed) image size.
+    """
+    if not isinstance(context, dict) or not isinstance(context.get("result"), list):
         return Hints()
     h, w = size
-    text = point = box = None
+    text = box = None
+    points: list[tuple[float, float]] = []
+    negatives: list[tuple[float, float]] = []
     for region in context["result"]:
-        value = region.get("value") or {}
+        if not isinstance(region, dict):
+            continue
+        value = region.get("value") if isinstance(region.get("value"), dict) else {}
         kind = region.get("type")
-        if kind == "textarea" and (not interface.textarea_names or region.get("from_name") in interface.textarea_names):
-            parts = value.get("text") or []
-            joined = " ".join(p for p in (parts if isinstance(parts, list) else [parts]) if isinstance(p, str))
-            text = joined.strip() or text
-        elif kind in ("keypointlabels", "keypoint") and region.get("is_positive", True) is not False:
-            point = (float(value["x"]) / 100 * w, float(value["y"]) / 100 * h)
+        if kind == "textarea":
+            text = _textarea_text(region, interface) or text
+        elif kind in ("keypointlabels", "keypoint"):
+            xy = (_percent(value, "x", w), _percent(value, "y", h))
+            (negatives if region.get("is_positive", True) is False else points).append(xy)
         elif kind in ("rectanglelabels", "rectangle"):
-            box = (float(value["x"]) / 100 * w, float(value["y"]) / 100 * h,
-                   float(value["width"]) / 100 * w, float(value["height"]) / 100 * h)
-    return Hints(text, point, box)
+            box = (_percent(value, "x", w), _percent(value, "y", h),
+                   _percent(value, "width", w), _percent(value, "height", h))
+    return Hints(text, tuple(points), tuple(negatives), box)
 
 
-def task_expression(task: dict, interface: Interface, hints: Hints, max_chars: int) -> str:
-    text = hints.text
+def task_expression(task: dict, interface: Interface, context: dict | None, max_chars: int) -> str:
+    """The referring expression: the TextArea text of an interactive request, else the task's Text field."""
+    text = context_text(context, interface)
     if text is None and interface.text_field is not None:
         text = (task.get("data") or {}).get(interface.text_field)
     if text is None:
-        raise TaskError("no_expression", f"task {task.get('id')} has no expression "
-                                         f"(data field '{interface.text_field}' missing)")
-    if not isinstance(text, str) or not text.strip():
+        where = (f"data field '{interface.text_field}' missing" if interface.text_field
+                 else "the config has no <Text> field and no TextArea text came with the request")
+        raise TaskError("no_expression", f"task {task.get('id')} has no expression ({where})")
+    if not isinstance(text, str):
+        raise TaskError("bad_expression", f"task {task.get('id')}: the expression is a {type(text).__name__}, "
+                                          "not text")
+    if not text.strip():
         raise TaskError("no_expression", f"task {task.get('id')} has an empty expression")
     if len(text) > max_chars:
         raise TaskError("bad_expression", f"task {task.get('id')}: expression of {len(text)} characters "
                                           f"exceeds HYBRIDGL_MAX_TEXT_CHARS={max_chars}")
-    return text.strip()
+    return " ".join(text.split())

@@ -1,49 +1,94 @@
 """The Label Studio model: tasks in, brush-label predictions out (the label-studio-ml 2.x shape).
 
 Thin by design: read the config and the task, fetch the image, call hybridgl, encode the mask.
+`HybridGLBackend.predict_tasks` is the reusable path (batch pre-annotation, quality store): it
+takes any image fetcher and returns one `TaskOutcome` per task; `predict` is Label Studio's view of it.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from hybridgl import HybridGL
-from hybridgl.pipeline import PreparedView
+from hybridgl.pipeline import PreparedView, Segmentation
 
-from .images import ImageFetcher
+from .images import ImageFetcher, LabelStudioConnection, decode_image
 from .labeling import Hints, Interface, TaskError, parse_config, read_context, task_expression
 from .settings import Settings
 
 log = logging.getLogger("backend")
 
+# fetch(url, task_id) -> the image file's bytes; raises TaskError for that task
+Fetch = Callable[[str, Any], bytes]
+
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """bool [H,W] -> Label Studio's brush RLE (RGBA, 0/255)."""
+    """bool [H,W] -> Label Studio's brush RLE (RGBA, 0/255), row-major at the mask's size."""
     from label_studio_sdk.converter.brush import mask2rle
 
-    return mask2rle(mask.astype(np.uint8) * 255)
+    return mask2rle(np.ascontiguousarray(mask, dtype=bool).astype(np.uint8) * 255)
 
 
 class Counters:
-    """Thread-safe counts for /metrics."""
+    """Thread-safe counts (and summed seconds) for /metrics."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: Counter = Counter()
+        self.seconds: Counter = Counter()
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.counts[key] += n
 
+    def time(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[key] += seconds
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+    def seconds_snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+@dataclass
+class TaskOutcome:
+    """What happened to one task.
+
+    predictions: Label Studio prediction dicts ({"result", "score", "model_version"}), best first;
+      one with an empty result when the image has no mask proposal; [] when the task failed.
+    error: why the task failed (its kind is counted in /metrics), else None.
+    segmentation: hybridgl's answer (score, ranking, parse), when the model ran.
+    """
+
+    task_id: Any
+    predictions: list[dict] = field(default_factory=list)
+    error: TaskError | None = None
+    expression: str | None = None
+    segmentation: Segmentation | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_label_studio(self) -> dict | list[dict]:
+        """One /predict `results` entry: a prediction, a list of them, or an error without `result`
+        (Label Studio stores nothing for an entry without `result`)."""
+        if self.error is not None:
+            return {"error": str(self.error), "kind": self.error.kind, "task": self.task_id}
+        return self.predictions[0] if len(self.predictions) == 1 else self.predictions
 
 
 class HybridGLBackend:
@@ -54,71 +99,156 @@ class HybridGLBackend:
         self.settings = settings or Settings.from_env()
         self.fetcher = ImageFetcher(self.settings)
         self.counters = Counters()
+        self.started = time.time()
         self.gpu_lock = threading.Lock()  # one forward pass at a time, whatever the server's threads
         self._views: OrderedDict[str, PreparedView] = OrderedDict()
         self._views_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._connections: dict[str, LabelStudioConnection] = {}  # per Label Studio project, from /setup
+        self._last_connection: LabelStudioConnection | None = None
+        self._schemas: dict[str, str] = {}  # labelling configs /setup sent, per project
+        self.busy = 0
         version = model.model_version
-        if self.settings.alternatives > 1:
+        if self.settings.alternatives > 1:  # the output changes with it, so the version must too
             version += f"-alt{self.settings.alternatives}"
         self.model_version = version
 
     # -- label-studio-ml 2.x surface ----------------------------------------------------------------
-    def setup(self, hostname: str | None = None, access_token: str | None = None, **_: Any) -> dict:
-        self.fetcher.set_label_studio(hostname, access_token)
+    def setup(self, hostname: str | None = None, access_token: str | None = None, project: Any = None,
+              schema: str | None = None, **_: Any) -> dict:
+        """Remember where Label Studio is (per project); never loads anything. Returns the version."""
+        with self._state_lock:
+            if hostname or access_token:
+                conn = LabelStudioConnection((hostname or self.settings.label_studio_url or "").rstrip("/") or None,
+                                             access_token or self.settings.label_studio_api_key)
+                self._last_connection = conn
+                if project is not None:
+                    self._connections[str(project)] = conn
+            if project is not None and isinstance(schema, str) and schema.strip():
+                self._schemas[str(project)] = schema
         return {"model_version": self.model_version}
 
     def predict(self, tasks: list[dict], context: dict | None = None, label_config: str | None = None,
-                **_: Any) -> list[dict | list[dict]]:
-        """One entry per task, in order: a prediction, a list of them (alternatives), or, for a task
-        that failed, {"error": ...} without a result (Label Studio stores nothing for it)."""
+                project: Any = None, **_: Any) -> list[dict | list[dict]]:
+        """Label Studio's /predict: one entry per task, in order (see TaskOutcome.to_label_studio)."""
+        if not (isinstance(label_config, str) and label_config.strip()) and project is not None:
+            with self._state_lock:
+                label_config = self._schemas.get(str(project))
         try:
+            if label_config is not None and not isinstance(label_config, str):
+                raise TaskError("config", "label_config must be a string of XML")
             interface = parse_config(label_config)
         except TaskError as exc:
             self.counters.add(f"errors.{exc.kind}", len(tasks))
-            log.warning("predict: %s (%d tasks)", exc, len(tasks))
-            return [{"error": str(exc), "kind": exc.kind} for _ in tasks]
-        return [self.predict_task(task, interface, context) for task in tasks]
+            log.warning("predict: %s (%d tasks: %s)", exc, len(tasks), _ids(tasks))
+            return [{"error": str(exc), "kind": exc.kind, "task": _task_id(t)} for t in tasks]
+        connections = self.connections_for(project)
+        return [o.to_label_studio() for o in self.predict_tasks(
+            tasks, interface, context=context, fetch=lambda url, task_id: self.fetch(url, task_id, connections))]
 
-    # -- one task ---------------------------------------------------------------------------------
-    def predict_task(self, task: dict, interface: Interface, context: dict | None = None) -> dict | list[dict]:
-        task_id = task.get("id")
+    def webhook(self, payload: dict) -> dict:
+        """Label Studio sends every project event here; counted, otherwise ignored (zero-shot model)."""
+        action = payload.get("action") if isinstance(payload.get("action"), str) else None
+        self.counters.add(f"webhook.{action or 'unknown'}")
+        return {"status": "ok", "action": action}
+
+    # -- image access -----------------------------------------------------------------------------
+    def connections_for(self, project: Any = None) -> list[LabelStudioConnection]:
+        """Label Studio connections to try, in order: the project's /setup, the last /setup, the environment.
+        (A /setup hostname can be unreachable from here, e.g. `localhost` seen from a container.)"""
+        env = self.fetcher.default
+        with self._state_lock:
+            first = self._connections.get(str(project)) if project is not None else None
+            first = first or self._last_connection
+        out = [c for c in (first, env) if c is not None and c.url]
+        if first is not None and env.url and first.url != env.url and not env.token:
+            out[out.index(env)] = LabelStudioConnection(env.url, first.token)  # same Label Studio, its token
+        unique = list(dict.fromkeys(out))
+        return unique or [env]
+
+    def fetch(self, url: str, task_id: Any, connections: Sequence[LabelStudioConnection] | None = None) -> bytes:
+        """The image bytes, trying each Label Studio connection while the failure is about reaching it."""
+        connections = list(connections or self.connections_for())
+        for i, conn in enumerate(connections):
+            try:
+                return self.fetcher.fetch(url, task_id, conn)
+            except TaskError as exc:
+                if exc.kind not in ("unreachable", "auth", "no_label_studio") or i == len(connections) - 1:
+                    raise
+                log.info("task %s: %s; trying %s", task_id, exc, connections[i + 1].url)
+        raise TaskError("no_label_studio", "no Label Studio connection")
+
+    # -- the reusable path --------------------------------------------------------------------------
+    def predict_tasks(self, tasks: Sequence[dict], interface: Interface, context: dict | None = None,
+                      fetch: Fetch | None = None, alternatives: int | None = None) -> list[TaskOutcome]:
+        """Predict every task (in order); one bad task never fails the others.
+
+        fetch(url, task_id) -> bytes: where images come from (default: Label Studio, as configured);
+        alternatives: predictions per task (default HYBRIDGL_ALTERNATIVES; an interactive context gets 1).
+        """
+        fetch = fetch or (lambda url, task_id: self.fetch(url, task_id))
+        if len(tasks) > self.settings.max_tasks:
+            err = TaskError("too_many_tasks", f"{len(tasks)} tasks in one request exceed HYBRIDGL_MAX_TASKS="
+                                              f"{self.settings.max_tasks}: select fewer tasks")
+            self.counters.add(f"errors.{err.kind}", len(tasks))
+            log.warning("predict: %s", err)
+            return [TaskOutcome(_task_id(t), error=err) for t in tasks]
+        return [self.predict_task(task, interface, context, fetch, alternatives) for task in tasks]
+
+    def predict_task(self, task: dict, interface: Interface, context: dict | None = None,
+                     fetch: Fetch | None = None, alternatives: int | None = None) -> TaskOutcome:
+        task_id = _task_id(task)
+        started = time.time()
+        outcome = TaskOutcome(task_id)
         try:
-            out = self._predict_task(task, interface, context)
+            self._predict_task(task, interface, context, fetch or (lambda url, tid: self.fetch(url, tid)),
+                               alternatives, outcome)
             self.counters.add("tasks.ok")
-            return out
         except TaskError as exc:
+            outcome.error, outcome.predictions = exc, []
             self.counters.add(f"errors.{exc.kind}")
             log.warning("task %s: %s: %s", task_id, exc.kind, exc)
-            return {"error": str(exc), "kind": exc.kind, "task": task_id}
         except Exception as exc:  # a bug or an unexpected input must not fail the batch
+            outcome.error, outcome.predictions = TaskError("internal", f"internal error: {exc.__class__.__name__}"), []
             self.counters.add("errors.internal")
             log.exception("task %s: internal error", task_id)
-            return {"error": f"internal error: {exc.__class__.__name__}", "kind": "internal", "task": task_id}
+        outcome.seconds = time.time() - started
+        return outcome
 
-    def _predict_task(self, task: dict, interface: Interface, context: dict | None) -> dict | list[dict]:
-        data = task.get("data") or {}
-        url = data.get(interface.image_field)
+    def _predict_task(self, task: dict, interface: Interface, context: dict | None, fetch: Fetch,
+                      alternatives: int | None, outcome: TaskOutcome) -> None:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise TaskError("bad_task", "a task must be an object with a 'data' object")
+        url = task["data"].get(interface.image_field)
         if url is None:
             raise TaskError("missing_image", f"task data has no '{interface.image_field}' field")
-        raw, image = self.fetcher.load(url, task.get("id"))
+        outcome.expression = expression = task_expression(task, interface, context, self.settings.max_text_chars)
+        t0 = time.time()
+        raw = fetch(url, outcome.task_id)
+        image = decode_image(raw, self.settings.max_image_pixels)
+        self.counters.time("fetch", time.time() - t0)
         hints = read_context(context, interface, image.shape[:2])
-        expression = task_expression(task, interface, hints, self.settings.max_text_chars)
         view = self.prepared(raw, image)
         indices = candidate_indices(view, hints)
-        with self.gpu_lock:
+        t0 = time.time()
+        with self._busy(), self.gpu_lock:
             seg = self.model.segment(view.subset(indices) if indices is not None else view, expression)
-        to_view = (lambda i: int(indices[i])) if indices is not None else (lambda i: int(i))  # noqa: E731
-        self.counters.add("predictions")
+        self.counters.time("segment", time.time() - t0)
+        outcome.segmentation = seg
         h, w = view.size
-        if seg.mask is None:
-            return {"result": [], "score": 0.0, "model_version": self.model_version}
+        if seg.mask is None:  # no proposal at all: an empty prediction, scored 0 (sorts first for review)
+            self.counters.add("predictions.empty")
+            outcome.predictions = [{"result": [], "score": 0.0, "model_version": self.model_version}]
+            return
         # the editor shows one suggestion for an interactive request; batch retrieval gets alternatives
-        k = 1 if context else self.settings.alternatives
-        choices = [(to_view(r["index"]), r["score"]) for r in seg.ranking[:k]]
-        predictions = [self.prediction(view.masks[i], score, interface, h, w) for i, score in choices]
-        return predictions[0] if k == 1 else predictions
+        k = 1 if context else (alternatives or self.settings.alternatives)
+        to_view = (lambda i: int(indices[i])) if indices is not None else int
+        outcome.predictions = [self.prediction(view.masks[to_view(r["index"])], r["score"], interface, h, w)
+                               for r in seg.ranking[:k]]
+        self.counters.add("predictions", len(outcome.predictions))
 
     def prediction(self, mask: np.ndarray, score: float, interface: Interface, h: int, w: int) -> dict:
+        """One Label Studio prediction holding one brush region at the image's original size."""
         region = {
             "id": uuid.uuid4().hex[:10], "from_name": interface.brush_name, "to_name": interface.image_name,
             "type": "brushlabels", "original_width": int(w), "original_height": int(h), "image_rotation": 0,
@@ -127,45 +257,106 @@ class HybridGLBackend:
         }
         return {"result": [region], "score": float(score), "model_version": self.model_version}
 
+    # -- the prepared-image cache ---------------------------------------------------------------------
     def prepared(self, raw: bytes, image: np.ndarray) -> PreparedView:
-        """The image-only work, once per distinct image content (LRU)."""
+        """The image-only work, once per distinct image content (LRU of HYBRIDGL_CACHE_IMAGES entries)."""
         key = hashlib.sha256(raw).hexdigest()
-        with self._views_lock:
-            if key in self._views:
-                self._views.move_to_end(key)
+        view = self._cached(key)
+        if view is not None:
+            self.counters.add("cache.hits")
+            return view
+        with self._busy(), self.gpu_lock:
+            view = self._cached(key)  # another thread may have prepared it while this one waited
+            if view is not None:
                 self.counters.add("cache.hits")
-                return self._views[key]
-        with self.gpu_lock:
+                return view
+            if getattr(self.model, "sam", None) is None:
+                raise TaskError("no_sam", "this backend runs without SAM (HYBRIDGL_SAM_MODEL=none): "
+                                          "it has no mask proposals for images")
+            t0 = time.time()
             view = self.model.prepare(image)
+            self.counters.time("prepare", time.time() - t0)
         self.counters.add("cache.misses")
-        if self.settings.cache_images:
+        if self.settings.cache_images and view_bytes(view) <= self.settings.cache_mb * 2**20:
             with self._views_lock:
                 self._views[key] = view
-                while len(self._views) > self.settings.cache_images:
+                limit = self.settings.cache_mb * 2**20
+                while len(self._views) > self.settings.cache_images or (
+                        len(self._views) > 1 and sum(map(view_bytes, self._views.values())) > limit):
                     self._views.popitem(last=False)
         return view
 
+    def _cached(self, key: str) -> PreparedView | None:
+        with self._views_lock:
+            view = self._views.get(key)
+            if view is not None:
+                self._views.move_to_end(key)
+            return view
+
+    def cache_size(self) -> int:
+        with self._views_lock:
+            return len(self._views)
+
+    def _busy(self):
+        backend = self
+
+        class Busy:
+            def __enter__(self):
+                with backend._state_lock:
+                    backend.busy += 1
+
+            def __exit__(self, *exc):
+                with backend._state_lock:
+                    backend.busy -= 1
+
+        return Busy()
+
+
+def view_bytes(view: PreparedView) -> int:
+    """Memory a prepared view holds (image, masks on the host and, once used, on the device, features)."""
+    masks = view.masks.nbytes
+    return int(view.image.nbytes + 2 * masks + view.features.numel() * view.features.element_size()
+               + (view.tokens.numel() * view.tokens.element_size() if view.tokens is not None else 0))
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, dict) else None
+
+
+def _ids(tasks: Sequence[Any]) -> str:
+    ids = [str(_task_id(t)) for t in tasks[:20]]
+    return ", ".join(ids) + (", ..." if len(tasks) > 20 else "")
+
 
 def candidate_indices(view: PreparedView, hints: Hints) -> np.ndarray | None:
-    """Proposals allowed by a clicked point (those containing it) or a drawn box (those whose
-    box overlaps it best: IoU >= 0.5, else the single best); None when there is no hint."""
-    if hints.point is None and hints.box is None:
+    """The proposals the annotator's clicks allow: those containing every positive point and no
+    negative one, then, with a drawn box, those whose boxes overlap it best (IoU >= 0.5, else the
+    single best). None when nothing restricts the choice."""
+    if not hints.restricts:
         return None
     keep = np.arange(len(view))
-    if hints.point is not None:
-        h, w = view.size
-        x = min(max(int(hints.point[0]), 0), w - 1)
-        y = min(max(int(hints.point[1]), 0), h - 1)
+    h, w = view.size
+
+    def pixel(point: tuple[float, float]) -> tuple[int, int]:
+        return min(max(int(point[1]), 0), h - 1), min(max(int(point[0]), 0), w - 1)
+
+    for point in hints.points:
+        y, x = pixel(point)
         keep = keep[view.masks[keep, y, x]]
-        if len(keep) == 0:
-            raise TaskError("no_candidate", "no mask proposal contains the clicked point")
-    if hints.box is not None and len(keep):
+    if hints.points and len(keep) == 0:
+        raise TaskError("no_candidate", "no mask proposal contains the clicked point(s)")
+    for point in hints.negative_points:
+        y, x = pixel(point)
+        keep = keep[~view.masks[keep, y, x]]
+    if len(keep) == 0:
+        raise TaskError("no_candidate", "no mask proposal is left after the negative point(s)")
+    if hints.box is not None:
         boxes = view.boxes_xywh[keep].astype(np.float64)
         bx, by, bw, bh = hints.box
         ix = np.clip(np.minimum(boxes[:, 0] + boxes[:, 2], bx + bw) - np.maximum(boxes[:, 0], bx), 0, None)
         iy = np.clip(np.minimum(boxes[:, 1] + boxes[:, 3], by + bh) - np.maximum(boxes[:, 1], by), 0, None)
         inter = ix * iy
-        iou = inter / (boxes[:, 2] * boxes[:, 3] + bw * bh - inter + 1e-9)
+        iou = inter / np.maximum(boxes[:, 2] * boxes[:, 3] + bw * bh - inter, 1e-9)
         if iou.max() <= 0:
             raise TaskError("no_candidate", "no mask proposal overlaps the drawn rectangle")
         keep = keep[iou >= 0.5] if (iou >= 0.5).any() else keep[[int(iou.argmax())]]

@@ -1,30 +1,63 @@
-"""The backend's configuration, read once from the environment (documented in the README)."""
+"""The backend's configuration, read once from the environment (documented in docs/backend.md)."""
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
-def _int(name: str, default: int) -> int:
+class SettingsError(ValueError):
+    """A bad environment setting: the server refuses to start, naming the variable."""
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={value} must be positive")
+    return value
 
 
 def _list(name: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip())
 
 
+def _default_model_dir() -> Path:
+    return Path(os.environ["MODEL_DIR"]) if os.environ.get("MODEL_DIR") else Path.home() / ".cache" / "hybridgl"
+
+
 @dataclass(frozen=True)
 class Settings:
-    clip_model: str = "openai/clip-vit-base-patch16"
-    sam_model: str = "vit_h"
+    clip_model: str = DEFAULT_CLIP
+    sam_model: str = "vit_h"  # vit_h | vit_l | vit_b | package.module:builder | none
     sam_checkpoint: str | None = None
     parser: str = "auto"
-    config: str | None = None  # JSON/TOML of HybridGLConfig overrides
+    config: str | None = None  # HybridGLConfig overrides: a JSON/TOML file, or inline JSON ("{...}")
     alternatives: int = 1  # predictions per task: the best mask and the next k-1 ranked ones
     device: str | None = None
-    model_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "hybridgl")
+    model_dir: Path = field(default_factory=_default_model_dir)  # weights (hybridgl.weights) + backend files
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
     basic_auth_user: str | None = None
@@ -32,32 +65,64 @@ class Settings:
     local_files_root: Path | None = None
     allowed_hosts: tuple[str, ...] = ()  # other http(s) hosts images may come from ("*": any)
     cache_images: int = 16  # prepared images kept (LRU keyed by image content)
+    cache_mb: int = 4096  # ... and the memory they may hold together
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     max_text_chars: int = 2000
+    max_tasks: int = 1000  # tasks in one /predict request
     fetch_timeout: float = 30.0
 
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ.get
+        local_root = env("LOCAL_FILES_DOCUMENT_ROOT") or env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
         return cls(
-            clip_model=env("HYBRIDGL_CLIP_MODEL") or cls.clip_model,
-            sam_model=env("HYBRIDGL_SAM_MODEL") or cls.sam_model,
+            clip_model=env("HYBRIDGL_CLIP_MODEL") or DEFAULT_CLIP,
+            sam_model=env("HYBRIDGL_SAM_MODEL") or "vit_h",
             sam_checkpoint=env("HYBRIDGL_SAM_CHECKPOINT") or None,
-            parser=env("HYBRIDGL_PARSER") or cls.parser,
-            config=env("HYBRIDGL_CONFIG") or None,
-            alternatives=max(1, _int("HYBRIDGL_ALTERNATIVES", 1)),
+            parser=env("HYBRIDGL_PARSER") or "auto",
+            config=(env("HYBRIDGL_CONFIG") or "").strip() or None,
+            alternatives=_int("HYBRIDGL_ALTERNATIVES", 1, minimum=1),
             device=env("DEVICE") or None,
-            model_dir=Path(env("MODEL_DIR")) if env("MODEL_DIR") else Path.home() / ".cache" / "hybridgl",
+            model_dir=_default_model_dir(),
             label_studio_url=(env("LABEL_STUDIO_URL") or env("LABEL_STUDIO_HOST") or "").rstrip("/") or None,
             label_studio_api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
             basic_auth_user=env("BASIC_AUTH_USER") or None,
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
-            local_files_root=Path(env("LOCAL_FILES_DOCUMENT_ROOT") or env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"))
-            if (env("LOCAL_FILES_DOCUMENT_ROOT") or env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")) else None,
+            local_files_root=Path(local_root) if local_root else None,
             allowed_hosts=_list("HYBRIDGL_ALLOWED_HOSTS"),
-            cache_images=max(0, _int("HYBRIDGL_CACHE_IMAGES", 16)),
-            max_image_bytes=_int("HYBRIDGL_MAX_IMAGE_MB", 64) * 1024 * 1024,
-            max_image_pixels=_int("HYBRIDGL_MAX_IMAGE_PIXELS", 60_000_000),
-            max_text_chars=_int("HYBRIDGL_MAX_TEXT_CHARS", 2000),
+            cache_images=_int("HYBRIDGL_CACHE_IMAGES", 16),
+            cache_mb=_int("HYBRIDGL_CACHE_MB", 4096, minimum=1),
+            max_image_bytes=_int("HYBRIDGL_MAX_IMAGE_MB", 64, minimum=1) * 1024 * 1024,
+            max_image_pixels=_int("HYBRIDGL_MAX_IMAGE_PIXELS", 60_000_000, minimum=1),
+            max_text_chars=_int("HYBRIDGL_MAX_TEXT_CHARS", 2000, minimum=1),
+            max_tasks=_int("HYBRIDGL_MAX_TASKS", 1000, minimum=1),
+            fetch_timeout=_float("HYBRIDGL_FETCH_TIMEOUT", 30.0),
         )
+
+    def replace(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+    def hybridgl_config(self) -> dict | str | None:
+        """HYBRIDGL_CONFIG as `HybridGL.from_pretrained(config=...)` takes it: inline JSON -> dict, else a path."""
+        if self.config is None:
+            return None
+        if self.config.lstrip().startswith("{"):
+            try:
+                values = json.loads(self.config)
+            except json.JSONDecodeError as exc:
+                raise SettingsError(f"HYBRIDGL_CONFIG is not valid JSON: {exc}") from None
+            if isinstance(values, dict) and set(values) == {"hybridgl"}:
+                values = values["hybridgl"]
+            return values
+        if not Path(self.config).expanduser().is_file():
+            raise SettingsError(f"HYBRIDGL_CONFIG: no such file {self.config!r} (give a JSON/TOML file or inline JSON)")
+        return str(Path(self.config).expanduser())
+
+    def describe(self) -> dict[str, Any]:
+        """The settings for logs: secrets masked."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        for secret in ("label_studio_api_key", "basic_auth_pass"):
+            if out[secret]:
+                out[secret] = "***"
+        return out

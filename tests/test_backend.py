@@ -363,3 +363,255 @@ def _save(im: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+# -- EXIF, interactive hints, connections, limits, logs ---------------------------------------------
+
+def exif_rotated_jpeg() -> tuple[bytes, Image.Image]:
+    """A 64x48 JPEG stored sideways with EXIF orientation 6 (shown 48 wide, 64 high), and how it shows."""
+    stored = Image.open(io.BytesIO(IMAGE_A)).convert("RGB").resize((64, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    from PIL import ImageOps
+
+    return data, ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+
+
+def test_exif_orientation_gives_the_displayed_size(model, ls):
+    data, shown = exif_rotated_jpeg()
+    assert shown.size == (48, 64)
+    ls.files["rotated.jpg"] = data
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+    (result,) = predict(c, [task(1, "rotated.jpg", "the cup")])
+    region = result["result"][0]
+    assert (region["original_width"], region["original_height"]) == (48, 64)
+    seg = model.segment(model.prepare(shown), "the cup")
+    np.testing.assert_array_equal(decoded(region), seg.mask)
+
+
+def test_rectangle_and_negative_point_restrict_the_candidates(model, ls):
+    backend, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+    view = backend.prepared(IMAGE_A, decode_image(IMAGE_A, 10**8))
+    h, w = view.size
+    # a rectangle equal to one proposal's box: that box (and any with IoU >= 0.5) is a candidate
+    bx, by, bw, bh = (int(v) for v in view.boxes_xywh[1])
+    rect = {"type": "rectanglelabels", "value": {"x": 100 * bx / w, "y": 100 * by / h,
+                                                   "width": 100 * bw / w, "height": 100 * bh / h}}
+    (pred,) = predict(c, [task(1, text="the plate")], context={"result": [rect]})
+    boxes = view.boxes_xywh.astype(float)
+    ix = np.clip(np.minimum(boxes[:, 0] + boxes[:, 2], bx + bw) - np.maximum(boxes[:, 0], bx), 0, None)
+    iy = np.clip(np.minimum(boxes[:, 1] + boxes[:, 3], by + bh) - np.maximum(boxes[:, 1], by), 0, None)
+    iou = ix * iy / (boxes[:, 2] * boxes[:, 3] + bw * bh - ix * iy)
+    allowed = np.flatnonzero(iou >= 0.5)
+    assert 1 in allowed
+    expected = model.segment(view.subset(allowed), "the plate")
+    np.testing.assert_array_equal(decoded(pred["result"][0]), view.masks[allowed[expected.index]])
+    # a negative point removes the proposals containing it
+    coverage = view.masks.sum(axis=0)
+    y, x = np.argwhere((coverage > 0) & (coverage < len(view)))[0]
+    neg = {"type": "keypointlabels", "is_positive": False, "value": {"x": 100 * (x + .5) / w, "y": 100 * (y + .5) / h}}
+    (pred,) = predict(c, [task(1, text="the plate")], context={"result": [neg]})
+    allowed = [i for i in range(len(view)) if not view.masks[i, y, x]]
+    expected = model.segment(view.subset(allowed), "the plate")
+    np.testing.assert_array_equal(decoded(pred["result"][0]), view.masks[allowed[expected.index]])
+    assert not decoded(pred["result"][0])[y, x]
+    # a point outside every proposal, and a malformed region: clear per-task errors
+    (r,) = predict(c, [task(1)], context={"result": [{"type": "keypointlabels", "value": {"x": "a", "y": 1}}]})
+    assert r["kind"] == "bad_context"
+
+
+def test_label_studio_unreachable_is_a_task_error_and_the_server_keeps_serving(model, ls):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    backend, c = make_client(model, label_studio_url=dead, label_studio_api_key=TOKEN, fetch_timeout=5)
+    (r,) = predict(c, [task(1)])
+    assert r["kind"] == "unreachable" and "could not reach" in r["error"]
+    assert c.get("/metrics").get_json()["counts"]["errors.unreachable"] == 1
+    assert c.get("/health").status_code == 200
+    # a /setup hostname that is unreachable from the backend (e.g. `localhost` in a container) falls back
+    # to LABEL_STUDIO_URL, with the token /setup sent when the environment has none
+    _, c = make_client(model, label_studio_url=ls.url)
+    c.post("/setup", json={"project": "5.1", "hostname": dead, "access_token": TOKEN, "schema": CONFIG})
+    (r,) = predict(c, [task(1)])
+    assert "result" in r
+
+
+def test_setup_remembers_the_config_and_connection_per_project(model, ls):
+    _, c = make_client(model)
+    c.post("/setup", json={"project": "7.1", "hostname": ls.url, "access_token": TOKEN, "schema": CONFIG})
+    r = c.post("/predict", json={"tasks": [task(1)], "project": "7.1"})  # no label_config: the project's
+    assert "result" in r.get_json()["results"][0]
+    r = c.post("/predict", json={"tasks": [task(1)], "project": "8.1"})  # unknown project, no config
+    assert r.get_json()["results"][0]["kind"] == "config"
+
+
+def test_tokens_never_reach_the_logs(model, ls, caplog):
+    caplog.set_level("DEBUG")
+    for token in (TOKEN, PAT):
+        _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=token)
+        c.post("/setup", json={"project": "1.1", "hostname": ls.url, "access_token": token})
+        predict(c, [task(1), task(2, "missing.png"), task(3, "text.png")])
+        _, c = make_client(model, label_studio_url=ls.url + "/nowhere", label_studio_api_key=token)
+        predict(c, [task(1)])
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert "task 2: missing_image" in caplog.text  # the reasons are logged, with the task id
+    for secret in (TOKEN, PAT, "access-1"):
+        assert secret not in text
+    assert TOKEN not in repr(Settings(label_studio_api_key=TOKEN).describe())
+
+
+def test_redirects_from_allowed_hosts_must_stay_on_allowed_hosts(model):
+    class Redirector(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path == "/image.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(IMAGE_A)))
+                self.end_headers()
+                self.wfile.write(IMAGE_A)
+                return
+            target = "http://localhost:%d/image.png" if self.path == "/elsewhere" else "http://127.0.0.1:%d/image.png"
+            self.send_response(302)
+            self.send_header("Location", target % self.server.server_address[1])
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        _, c = make_client(model, allowed_hosts=("127.0.0.1",))
+        same, other = predict(c, [{"id": 1, "data": {"image": base + "/here", "text": "the cup"}},
+                                  {"id": 2, "data": {"image": base + "/elsewhere", "text": "the cup"}}])
+        assert "result" in same
+        assert other["kind"] == "forbidden" and "localhost" in other["error"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_limits_on_tasks_and_image_bytes(model, ls):
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, max_tasks=2)
+    results = predict(c, [task(1), task(2), task(3)])
+    assert [r["kind"] for r in results] == ["too_many_tasks"] * 3
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, max_image_bytes=1000)
+    (r,) = predict(c, [task(1)])
+    assert r["kind"] == "bad_image" and "HYBRIDGL_MAX_IMAGE_MB" in r["error"]
+    (r,) = predict(c, ["not a task"])
+    assert r["kind"] == "bad_task"
+    (r,) = predict(c, [task(1, text=["a", "list"])])
+    assert r["kind"] == "bad_expression"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused_by_pillow_too():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def bomb(side: int) -> bytes:  # side² pixels of 1-bit zeros: a few kB compressed
+        z = zlib.compressobj(9)
+        row = b"\0" * (1 + side // 8)
+        body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+    small, large = bomb(10_000), bomb(20_000)  # 100 M and 400 M pixels
+    assert len(large) < 200_000
+    with pytest.raises(TaskError, match="exceeds HYBRIDGL_MAX_IMAGE_PIXELS"):
+        decode_image(small, 60_000_000)  # our limit, checked before any pixel is decoded
+    with pytest.raises(TaskError, match="decompression bomb"):
+        decode_image(large, 10**12)  # with our limit off, Pillow's own guard still refuses it
+
+
+def test_sixteen_bit_scaling_and_truncated_jpeg():
+    grey16 = np.array([[0, 65535], [32768, 257]], dtype=np.uint16)
+    out = decode_image(png(grey16), 10**8)
+    assert out[:, :, 0].tolist() == [[0, 255], [127, 1]] and (out[..., 0] == out[..., 2]).all()
+    jpeg = _save(Image.fromarray(np.full((64, 64, 3), 200, np.uint8)), "JPEG")
+    with pytest.raises(TaskError) as info:
+        decode_image(jpeg[: len(jpeg) // 2], 10**8)
+    assert info.value.kind == "bad_image"
+
+
+def test_webhook_answers_200_to_anything_and_errors_are_json(client):
+    _, c = client
+    assert c.post("/webhook", data="not json", content_type="application/json").status_code == 200
+    assert c.post("/webhook", json=["a", "list"]).status_code == 200
+    r = c.get("/nowhere")
+    assert r.status_code == 404 and "error" in r.get_json()
+    assert c.get("/predict").status_code == 405
+
+
+def test_gpu_work_is_serialised_across_threads(ls):
+    """Concurrent /predict requests never run two model passes at once (the library's calls are
+    wrapped only to record overlap, and slowed to widen the window)."""
+    from tiny_models import tiny_hybridgl
+
+    model = tiny_hybridgl(sam=True)
+    state = {"active": 0, "max": 0, "calls": 0}
+    lock = threading.Lock()
+
+    def tracked(fn):
+        def run(*a, **kw):
+            with lock:
+                state["active"] += 1
+                state["calls"] += 1
+                state["max"] = max(state["max"], state["active"])
+            try:
+                time.sleep(0.05)
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    state["active"] -= 1
+        return run
+
+    model.prepare, model.segment = tracked(model.prepare), tracked(model.segment)
+    backend, _ = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, cache_images=0)
+    app = create_app(backend)
+    out = []
+
+    def client_thread(i):
+        with app.test_client() as cc:
+            out.append(cc.post("/predict", json={"tasks": [task(i, "ab"[i % 2] + ".png", "the cup")],
+                                                 "label_config": CONFIG}).get_json())
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(out) == 4 and all("result" in r["results"][0] for r in out)
+    assert state["calls"] == 8 and state["max"] == 1
+
+
+def test_the_reusable_path_takes_any_image_source(model):
+    """predict_tasks: no HTTP, images from a callable; outcomes carry the library's answer."""
+    backend = HybridGLBackend(model, Settings(alternatives=2))
+    images = {"a": IMAGE_A, "b": IMAGE_B}
+
+    def fetch(url, task_id):
+        if url not in images:
+            raise TaskError("missing_image", f"no {url}")
+        return images[url]
+
+    tasks = [{"id": 1, "data": {"image": "a", "text": "the cup"}}, {"id": 2, "data": {"image": "zz", "text": "x"}},
+             {"id": 3, "data": {"image": "b", "text": "the chair"}}]
+    ok, missing, ok2 = backend.predict_tasks(tasks, parse_config(CONFIG), fetch=fetch)
+    assert ok.ok and not missing.ok and missing.error.kind == "missing_image" and ok2.ok
+    assert missing.predictions == [] and missing.to_label_studio()["kind"] == "missing_image"
+    seg = model.segment(model.prepare(Image.open(io.BytesIO(IMAGE_A))), "the cup")
+    assert ok.expression == "the cup" and ok.segmentation.index == seg.index
+    assert [p["score"] for p in ok.predictions] == pytest.approx([r["score"] for r in seg.ranking[:2]])
+    assert ok.to_label_studio() == ok.predictions and ok.seconds > 0
+    (one,) = backend.predict_tasks(tasks[:1], parse_config(CONFIG), fetch=fetch, alternatives=1)
+    assert isinstance(one.to_label_studio(), dict)

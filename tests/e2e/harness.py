@@ -128,20 +128,28 @@ class LabelStudio:
 
 
 class Backend:
-    """tests/e2e/serve_tiny.py as its own process."""
+    """tests/e2e/serve_tiny.py (the production app factory on the tiny models) as its own process.
 
-    def __init__(self, work: Path, env: dict | None = None, start_timeout: float = 180):
+    The process starts at once; `wait()` blocks (bounded) until /health answers, so several
+    backends can start in parallel.
+    """
+
+    def __init__(self, work: Path, name: str = "backend", args: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, **(env or {})}
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_"))}
+        full_env.update(env or {})
         self.process = Process([sys.executable, str(ROOT / "tests" / "e2e" / "serve_tiny.py"), "--host",
-                                "127.0.0.1", "--port", str(self.port)], full_env, work / "backend.log")
+                                "127.0.0.1", "--port", str(self.port), *(args or [])], full_env, work / f"{name}.log")
+
+    def wait(self, timeout: float = 180) -> "Backend":
         try:
-            wait_http(self.url + "/health", start_timeout, self.process.proc)
+            wait_http(self.url + "/health", timeout, self.process.proc)
         except Exception:
             log = self.process.tail()
             self.process.stop()
             raise RuntimeError(f"the backend did not start:\n{log}")
+        return self
 
     def stop(self) -> None:
         self.process.stop()

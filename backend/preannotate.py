@@ -1,0 +1,400 @@
+"""Pre-annotate a whole Label Studio project with HybridGL, outside Label Studio's 100 s request limit.
+
+    python -m backend.preannotate --url http://localhost:8080 --api-key KEY --project 3 \\
+        [--batch 50] [--limit N] [--report DIR]
+
+Pages through the project's tasks (label-studio-sdk), skips those already holding a prediction of
+this backend's model_version, groups the rest by image (one SAM pass per image: the backend's
+prepared-image cache serves its other expressions), runs HybridGL and posts the predictions with
+the backend's model_version through Label Studio's API, one batch at a time. A failing task
+(missing image, no expression, ...) is reported and skipped; an interrupted run loses at most one
+batch of work, and rerunning it finishes the rest without duplicates.
+
+Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
+LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
+
+--report DIR writes scores.csv (our tasks by ascending score, with the margin to the runner-up)
+and score_histogram.png, to review the least confident predictions first.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .labeling import Interface, TaskError, parse_config
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("backend.preannotate")
+
+
+@dataclass
+class Row:
+    """One task of the report."""
+
+    task_id: int
+    image: str
+    expression: str
+    score: float | None
+    margin: float | None
+    status: str  # predicted | existing | failed
+    reason: str = ""
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done: int = 0  # tasks that got predictions in this run
+    predictions: int = 0  # predictions posted in this run
+    skipped: int = 0  # tasks that already held a prediction of this model_version
+    failed: dict[int, str] = field(default_factory=dict)  # task id -> "kind: message"
+    not_reached: int = 0  # left for a later run (--limit, interruption)
+    prepared_images: int = 0  # SAM passes (distinct images computed)
+    interrupted: bool = False
+    seconds: float = 0.0
+    model_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        kinds = Counter(reason.split(":", 1)[0] for reason in self.failed.values())
+        return {"model_version": self.model_version, "total": self.total, "done": self.done,
+                "predictions": self.predictions, "skipped": self.skipped, "failed": len(self.failed),
+                "failed_by_kind": dict(kinds), "failures": {str(k): v for k, v in self.failed.items()},
+                "not_reached": self.not_reached, "prepared_images": self.prepared_images,
+                "interrupted": self.interrupted,
+                "seconds": round(self.seconds, 2)}
+
+
+# -- Label Studio ---------------------------------------------------------------------------------
+def _as_dict(item: Any) -> dict:
+    if isinstance(item, dict):
+        return item
+    for name in ("model_dump", "dict"):
+        if hasattr(item, name):
+            return getattr(item, name)()
+    return dict(item)
+
+
+def iter_tasks(ls, project: int, page_size: int) -> Iterator[dict]:
+    """Every task of the project with its predictions (fields=all), page by page."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    page, seen = 1, 0
+    while True:
+        try:
+            pager = ls.tasks.list(project=project, page=page, page_size=page_size, fields="all")
+        except ApiError as exc:
+            if exc.status_code == 404 and page > 1:  # past the last page
+                return
+            raise
+        items = [_as_dict(t) for t in (pager.items or [])]
+        total = getattr(pager.response, "total", None) if pager.response is not None else None
+        yield from items
+        seen += len(items)
+        if not items or (total is not None and seen >= total):
+            return
+        page += 1
+
+
+def has_prediction(task: dict, model_version: str) -> bool:
+    return any(_as_dict(p).get("model_version") == model_version for p in task.get("predictions") or [])
+
+
+def existing_score(task: dict, model_version: str) -> float | None:
+    scores = [_as_dict(p).get("score") for p in task.get("predictions") or []
+              if _as_dict(p).get("model_version") == model_version]
+    scores = [float(s) for s in scores if isinstance(s, (int, float))]
+    return max(scores) if scores else None
+
+
+def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: Summary) -> set[int]:
+    """Post [(task id, prediction)]: one bulk import, else one by one (to report the bad one).
+    Returns the task ids whose predictions could not be posted."""
+    if not items:
+        return set()
+    body = [{"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
+            for t, p in items]
+    try:
+        ls.projects.import_predictions(project, request=body)
+        summary.predictions += len(items)
+        return set()
+    except Exception as exc:  # noqa: BLE001 - retried one by one below
+        log.warning("bulk import of %d predictions failed (%s); posting one by one", len(items), exc)
+    failed: set[int] = set()
+    for t, p in items:
+        try:
+            ls.predictions.create(task=t, result=p["result"], score=p["score"], model_version=p["model_version"])
+            summary.predictions += 1
+        except Exception as exc:  # noqa: BLE001 - reported for that task
+            failed.add(t)
+            summary.failed[t] = f"post: Label Studio refused the prediction ({exc.__class__.__name__}: " \
+                                f"{str(exc)[:200]})"
+    return failed
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def margin_of(segmentation) -> float | None:
+    """Score of the best candidate minus the runner-up's (small: the choice was close)."""
+    if segmentation is None or not segmentation.ranking:
+        return None
+    scores = [float(r["score"]) for r in segmentation.ranking[:2]]
+    return scores[0] - (scores[1] if len(scores) > 1 else 0.0)
+
+
+def _image_key(task: dict, interface: Interface) -> str:
+    url = (task.get("data") or {}).get(interface.image_field) if isinstance(task.get("data"), dict) else None
+    return url if isinstance(url, str) else f"\0{task.get('id')}"
+
+
+def group_by_image(tasks: Sequence[dict], interface: Interface) -> list[dict]:
+    """Tasks ordered so that those sharing an image are consecutive (first appearance order)."""
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
+    for task in tasks:
+        groups.setdefault(_image_key(task, interface), []).append(task)
+    return [t for group in groups.values() for t in group]
+
+
+def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
+        progress: bool = True, out=sys.stdout) -> Summary:
+    """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client)."""
+    from tqdm import tqdm
+
+    started = time.time()
+    summary = Summary(model_version=backend.model_version)
+    config = _as_dict(ls.projects.get(id=project)).get("label_config")
+    interface = parse_config(config)  # TaskError("config") when the project cannot be pre-annotated
+    # only what the run needs is kept: not the predictions' and annotations' masks (memory)
+    tasks = [{"id": t.get("id"), "data": t.get("data"),
+              "predictions": [{"model_version": _as_dict(p).get("model_version"), "score": _as_dict(p).get("score")}
+                              for p in t.get("predictions") or []]}
+             for t in iter_tasks(ls, project, max(batch, 1))]
+    summary.total = len(tasks)
+    rows: dict[int, Row] = {}
+    todo = []
+    for task in tasks:
+        if has_prediction(task, backend.model_version):
+            summary.skipped += 1
+            data = task.get("data") or {}
+            rows[task["id"]] = Row(task["id"], str(data.get(interface.image_field, "")),
+                                   str(data.get(interface.text_field, "") if interface.text_field else ""),
+                                   existing_score(task, backend.model_version), None, "existing")
+        else:
+            todo.append(task)
+    todo = group_by_image(todo, interface)
+    if limit is not None:
+        summary.not_reached = max(len(todo) - limit, 0)
+        todo = todo[:limit]
+    print(f"project {project}: {summary.total} tasks, {summary.skipped} already pre-annotated by "
+          f"{backend.model_version}, {len(todo)} to do over {len({_image_key(t, interface) for t in todo})} "
+          "images", file=out, flush=True)
+    connections = backend.connections_for()
+    bar = tqdm(total=len(todo), unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    pending: list[tuple[int, dict]] = []
+    pending_rows: list[Row] = []
+
+    def flush() -> None:
+        refused = post_predictions(ls, project, pending, summary)
+        for row in pending_rows:
+            if row.task_id in refused:
+                row.status, row.reason, row.score, row.margin = "failed", summary.failed[row.task_id], None, None
+            else:
+                summary.done += 1
+            rows[row.task_id] = row
+        pending.clear()
+        pending_rows.clear()
+
+    processed = 0
+    misses_before = backend.counters.snapshot().get("cache.misses", 0)
+    try:
+        for task in todo:
+            outcome = backend.predict_task(task, interface,
+                                           fetch=lambda url, tid: backend.fetch(url, tid, connections))
+            data = task.get("data") if isinstance(task.get("data"), dict) else {}
+            image = str(data.get(interface.image_field, ""))
+            expression = outcome.expression or str(data.get(interface.text_field, "") if interface.text_field else "")
+            if outcome.ok:
+                pending.extend((task["id"], p) for p in outcome.predictions)
+                pending_rows.append(Row(task["id"], image, expression, outcome.predictions[0]["score"],
+                                        margin_of(outcome.segmentation), "predicted"))
+            else:
+                reason = f"{outcome.error.kind}: {outcome.error}"
+                summary.failed[task["id"]] = reason
+                rows[task["id"]] = Row(task["id"], image, expression, None, None, "failed", reason)
+                bar.write(f"task {task['id']}: failed: {reason}")
+            processed += 1
+            if len(pending_rows) >= batch:
+                flush()
+            bar.update(1)
+            bar.set_postfix(done=summary.done + len(pending_rows), failed=len(summary.failed), refresh=False)
+        flush()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        summary.not_reached += len(todo) - processed + len(pending_rows)
+        bar.write("interrupted: the current batch was not posted; rerun the same command to finish")
+    finally:
+        bar.close()
+    summary.seconds = time.time() - started
+    summary.prepared_images = backend.counters.snapshot().get("cache.misses", 0) - misses_before
+    if report is not None:
+        write_report(report, list(rows.values()), backend.model_version)
+        print(f"report: {report / 'scores.csv'}, {report / 'score_histogram.png'}", file=out)
+    print_summary(summary, out)
+    return summary
+
+
+def print_summary(summary: Summary, out) -> None:
+    print(f"done: {summary.done} tasks ({summary.predictions} predictions, model_version "
+          f"{summary.model_version}) in {summary.seconds:.1f} s; skipped (already pre-annotated): "
+          f"{summary.skipped}; failed: {len(summary.failed)}"
+          + (f"; not reached: {summary.not_reached}" if summary.not_reached else "")
+          + (" (interrupted)" if summary.interrupted else ""), file=out)
+    for task_id, reason in sorted(summary.failed.items()):
+        print(f"  failed task {task_id}: {reason}", file=out)
+    out.flush()
+
+
+# -- the review report ------------------------------------------------------------------------------
+def write_report(directory: Path, rows: list[Row], model_version: str, bins: int = 10) -> None:
+    """scores.csv (ascending score; failed tasks last) and score_histogram.png."""
+    directory.mkdir(parents=True, exist_ok=True)
+    scored = sorted((r for r in rows if r.score is not None), key=lambda r: (r.score, r.task_id))
+    unscored = sorted((r for r in rows if r.score is None), key=lambda r: r.task_id)
+    with open(directory / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["task_id", "image", "expression", "score", "margin", "status", "reason"])
+        for r in scored + unscored:
+            w.writerow([r.task_id, r.image, r.expression, "" if r.score is None else f"{r.score:.6f}",
+                        "" if r.margin is None else f"{r.margin:.6f}", r.status, r.reason])
+    histogram_png(directory / "score_histogram.png", [r.score for r in scored], bins,
+                  f"HybridGL scores ({model_version}), {len(scored)} tasks")
+
+
+def histogram_png(path: Path, scores: Sequence[float], bins: int, title: str) -> None:
+    """A plain bar chart of the scores over [0, 1] with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    counts = [0] * bins
+    for s in scores:
+        counts[min(int(max(s, 0.0) * bins), bins - 1)] += 1
+    width, height, left, bottom, top = 640, 400, 50, 40, 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 12), title, fill="black")
+    plot_w, plot_h = width - left - 20, height - top - bottom
+    peak = max(counts) or 1
+    bar_w = plot_w / bins
+    for i, c in enumerate(counts):
+        x0 = left + i * bar_w
+        y0 = top + plot_h * (1 - c / peak)
+        d.rectangle([x0 + 2, y0, x0 + bar_w - 2, top + plot_h], fill=(70, 130, 180))
+        d.text((x0 + bar_w / 2 - 6, max(y0 - 14, top - 12)), str(c), fill="black")
+        d.text((x0, top + plot_h + 6), f"{i / bins:.1f}", fill="black")
+    d.text((left + plot_w - 10, top + plot_h + 6), "1.0", fill="black")
+    d.line([left, top + plot_h, left + plot_w, top + plot_h], fill="black")
+    d.line([left, top, left, top + plot_h], fill="black")
+    d.text((left + plot_w // 2 - 20, height - 18), "score", fill="black")
+    img.save(path)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m backend.preannotate", description=__doc__.split("\n\n")[0],
+                                 epilog="The model is configured like the backend: HYBRIDGL_*, DEVICE, MODEL_DIR.")
+    ap.add_argument("--url", default=None, help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    ap.add_argument("--api-key", default=None,
+                    help="Label Studio access token, legacy or personal (default $LABEL_STUDIO_API_KEY)")
+    ap.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    ap.add_argument("--batch", type=int, default=50,
+                    help="tasks per page read and per batch of predictions posted (default 50)")
+    ap.add_argument("--limit", type=int, default=None, help="pre-annotate at most N tasks in this run")
+    ap.add_argument("--report", type=Path, default=None, metavar="DIR",
+                    help="write DIR/scores.csv (tasks by ascending score) and DIR/score_histogram.png")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error("--batch must be at least 1")
+    if args.limit is not None and args.limit < 0:
+        ap.error("--limit must not be negative")
+    return args
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None, backend=None) -> int:
+    """Exit status: 0 all done, 1 some tasks failed, 2 cannot run, 130 interrupted."""
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = backend.settings if backend is not None else Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = (args.url or settings.label_studio_url or "").rstrip("/")
+    key = args.api_key or settings.label_studio_api_key
+    if not url or not key:
+        print("error: give --url and --api-key (or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)", file=sys.stderr)
+        return 2
+    settings = settings.replace(label_studio_url=url, label_studio_api_key=key)
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=url, api_key=key)
+    # SIGTERM (docker stop, kill) ends the run like Ctrl-C: the summary is printed, nothing half-posted
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        parse_config(_as_dict(ls.projects.get(id=args.project)).get("label_config"))  # before loading models
+        if backend is None:
+            from ._wsgi import load_backend
+
+            backend = load_backend(settings)  # the backend's own loader: same env, same model_version
+        else:
+            from .images import ImageFetcher
+
+            backend.settings = settings
+            backend.fetcher = ImageFetcher(settings)
+        summary = run(backend, ls, args.project, batch=args.batch, limit=args.limit, report=args.report,
+                      progress=not args.no_progress)
+    except TaskError as exc:
+        print(f"error: project {args.project}: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before pre-annotation started", file=sys.stderr)
+        return 130
+    except Exception as exc:  # Label Studio unreachable or refusing: say so, no traceback
+        from label_studio_sdk.core.api_error import ApiError
+
+        if isinstance(exc, ApiError):
+            print(f"error: Label Studio at {url} answered HTTP {exc.status_code}: {str(exc.body)[:300]}",
+                  file=sys.stderr)
+            return 2
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            print(f"error: Label Studio at {url} is unreachable ({exc.__class__.__name__}: {exc})", file=sys.stderr)
+            return 2
+        raise
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

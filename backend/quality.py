@@ -1,0 +1,350 @@
+"""How good pre-annotation is on a team's own data: annotators' corrections against our predictions.
+
+Label Studio posts ANNOTATION_CREATED / ANNOTATION_UPDATED to the backend's /webhook (it creates
+that webhook itself when the ML backend is connected). For each, the tracker
+
+1. takes the annotator's brush mask from the annotation (the union of its brush regions drawn
+   with our prediction's tag and label),
+2. finds our prediction for the task: it asks Label Studio (`GET /api/predictions?task=ID`, with
+   the token of /setup or LABEL_STUDIO_API_KEY) and takes the annotation's parent prediction when
+   it is one of ours, else our best-scored prediction of the backend's model_version (so
+   predictions posted by `backend.preannotate` on another machine count too),
+3. stores the pair's numbers (IoU, intersection, union, our score) in SQLite under MODEL_DIR
+   (`MODEL_DIR/quality.sqlite3`, one row per annotation: an update replaces it).
+
+`GET /metrics` shows them under "quality": running mIoU (mean of per-annotation IoU) and oIoU
+(total intersection / total union), the count, and IoU by score bucket, for the current
+model_version. Webhooks are handled on a background thread: Label Studio waits only 1 s
+(WEBHOOK_TIMEOUT) for the answer, and the lookup calls back into Label Studio.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import requests
+
+log = logging.getLogger("backend.quality")
+
+ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DB_NAME = "quality.sqlite3"
+BUCKETS = 10  # score buckets of width 0.1 over [0, 1]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS corrections (
+    annotation_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    project INTEGER,
+    model_version TEXT NOT NULL,
+    prediction_id INTEGER,
+    score REAL,
+    iou REAL NOT NULL,
+    intersection INTEGER NOT NULL,
+    union_pixels INTEGER NOT NULL,
+    annotated_pixels INTEGER NOT NULL,
+    predicted_pixels INTEGER NOT NULL,
+    action TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_version ON corrections (model_version);
+"""
+
+
+class QualityError(Exception):
+    """Why one webhook could not be scored (counted in /metrics as quality.<kind>)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# -- masks ------------------------------------------------------------------------------------------
+def _brush_regions(result: Any) -> list[dict]:
+    if not isinstance(result, list):
+        return []
+    return [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"
+            and isinstance(r.get("value"), dict) and r["value"].get("rle")]
+
+
+def region_mask(region: dict) -> np.ndarray:
+    """One brush region (Label Studio RLE of RGBA) -> bool [H,W]."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    try:
+        h, w = int(region["original_height"]), int(region["original_width"])
+        flat = decode_rle(region["value"]["rle"])
+        return np.asarray(flat).reshape(h, w, 4)[:, :, 3] > 0
+    except Exception as exc:  # noqa: BLE001 - any malformed region is the payload's problem
+        raise QualityError("bad_mask", f"a brush region could not be decoded ({exc.__class__.__name__})") from exc
+
+
+def union_mask(regions: list[dict], size: tuple[int, int] | None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """The union of brush regions (None, size when there are none)."""
+    mask = None
+    for region in regions:
+        m = region_mask(region)
+        if size is not None and m.shape != size:
+            raise QualityError("size_mismatch", f"brush masks of sizes {m.shape} and {size} cannot be compared")
+        size = m.shape
+        mask = m if mask is None else (mask | m)
+    return mask, size
+
+
+def compare(annotation_result: Any, prediction_result: Any) -> dict[str, Any]:
+    """IoU of the annotator's mask with our prediction's.
+
+    The annotator's mask is the union of the brush regions with our prediction's from_name and
+    label (all brush regions when our prediction is empty). An annotation without such a region
+    means "nothing there": IoU 0 against a non-empty prediction; two empty masks agree (IoU 1).
+    """
+    ours = _brush_regions(prediction_result)
+    theirs = _brush_regions(annotation_result)
+    if ours:
+        names = {r.get("from_name") for r in ours}
+        labels = {lab for r in ours for lab in (r["value"].get("brushlabels") or [])}
+        theirs = [r for r in theirs if r.get("from_name") in names
+                  and (not labels or set(r["value"].get("brushlabels") or []) & labels)]
+    predicted, size = union_mask(ours, None)
+    annotated, size = union_mask(theirs, size)
+    a = int(annotated.sum()) if annotated is not None else 0
+    p = int(predicted.sum()) if predicted is not None else 0
+    if annotated is not None and predicted is not None:
+        inter = int(np.logical_and(annotated, predicted).sum())
+    else:
+        inter = 0
+    union = a + p - inter
+    return {"iou": inter / union if union else 1.0, "intersection": inter, "union": union,
+            "annotated_pixels": a, "predicted_pixels": p}
+
+
+# -- the store --------------------------------------------------------------------------------------
+class QualityStore:
+    """SQLite under MODEL_DIR: one row per annotation compared with our prediction."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock, self._db:
+            self._db.executescript(SCHEMA)
+
+    def record(self, annotation_id: int, task_id: int, project: int | None, model_version: str,
+               prediction_id: int | None, score: float | None, numbers: dict[str, Any], action: str) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO corrections (annotation_id, task_id, project, model_version, prediction_id,"
+                " score, iou, intersection, union_pixels, annotated_pixels, predicted_pixels, action, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (annotation_id, task_id, project, model_version, prediction_id, score, numbers["iou"],
+                 numbers["intersection"], numbers["union"], numbers["annotated_pixels"],
+                 numbers["predicted_pixels"], action, time.time()))
+
+    def forget(self, annotation_id: int) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM corrections WHERE annotation_id = ?", (annotation_id,))
+
+    def rows(self, model_version: str | None = None) -> list[sqlite3.Row]:
+        with self._lock:
+            query = "SELECT * FROM corrections" + (" WHERE model_version = ?" if model_version else "")
+            return list(self._db.execute(query + " ORDER BY annotation_id", (model_version,) if model_version else ()))
+
+    def metrics(self, model_version: str, buckets: int = BUCKETS) -> dict[str, Any]:
+        with self._lock:
+            versions = {r[0]: r[1] for r in
+                        self._db.execute("SELECT model_version, COUNT(*) FROM corrections GROUP BY model_version")}
+        return quality_metrics(self.rows(model_version), model_version, versions, buckets)
+
+
+def quality_metrics(rows: list, model_version: str, versions: dict[str, int] | None = None,
+                    buckets: int = BUCKETS) -> dict[str, Any]:
+    """mIoU, oIoU, count and IoU by score bucket for one model_version (other versions: counts)."""
+    out = {"model_version": model_version, **summarize(rows), "by_score": []}
+    for i in range(buckets):
+        lo, hi = i / buckets, (i + 1) / buckets
+        inside = [r for r in rows if r["score"] is not None
+                  and (lo <= r["score"] < hi or (i == buckets - 1 and r["score"] >= hi))]
+        out["by_score"].append({"score_from": round(lo, 4), "score_to": round(hi, 4), **summarize(inside)})
+    out["other_versions"] = {v: n for v, n in (versions or {}).items() if v != model_version}
+    return out
+
+
+def summarize(rows: list) -> dict[str, Any]:
+    if not rows:
+        return {"count": 0, "mIoU": None, "oIoU": None}
+    inter = sum(r["intersection"] for r in rows)
+    union = sum(r["union_pixels"] for r in rows)
+    return {"count": len(rows), "mIoU": round(float(np.mean([r["iou"] for r in rows])), 6),
+            "oIoU": round(inter / union, 6) if union else 1.0}
+
+
+# -- the tracker ------------------------------------------------------------------------------------
+# predictions_of(task_id, project) -> Label Studio's predictions of that task (dicts)
+Lookup = Callable[[int, Any], list]
+
+
+@dataclass
+class Job:
+    payload: dict
+    received: float
+
+
+class QualityTracker:
+    """Scores annotation webhooks on one background thread; `process` does one synchronously."""
+
+    def __init__(self, store: QualityStore, model_version: str, predictions_of: Lookup, counters=None):
+        self.store = store
+        self.model_version = model_version
+        self.predictions_of = predictions_of
+        self.counters = counters
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        if self.counters is not None:
+            self.counters.add(key)
+
+    def submit(self, payload: dict) -> bool:
+        """Queue an annotation webhook; False for other actions (ignored)."""
+        action = payload.get("action")
+        if action == "ANNOTATIONS_DELETED":
+            for item in payload.get("annotations") or []:
+                if isinstance(item, dict) and isinstance(item.get("id"), int):
+                    self.store.forget(item["id"])
+            return False
+        if action not in ACTIONS:
+            return False
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="quality-webhooks", daemon=True)
+                self._thread.start()
+        self._queue.put(Job(payload, time.time()))
+        return True
+
+    def wait(self, timeout: float = 30) -> bool:
+        """Until every queued webhook is handled (tests, shutdown); False on timeout."""
+        deadline = time.time() + timeout
+        while self._queue.unfinished_tasks and time.time() < deadline:
+            time.sleep(0.05)
+        return not self._queue.unfinished_tasks
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self.process(job.payload)
+            finally:
+                self._queue.task_done()
+
+    def process(self, payload: dict) -> dict | None:
+        """Score one annotation webhook; returns the stored numbers, or None (counted by kind)."""
+        try:
+            out = self._process(payload)
+            self._count("quality.recorded")
+            return out
+        except QualityError as exc:
+            self._count(f"quality.{exc.kind}")
+            log.info("webhook %s not scored: %s", payload.get("action"), exc)
+        except Exception:  # noqa: BLE001 - a webhook must never take the backend down
+            self._count("quality.internal")
+            log.exception("webhook %s: internal error", payload.get("action"))
+        return None
+
+    def _process(self, payload: dict) -> dict:
+        annotation = payload.get("annotation")
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+            raise QualityError("bad_payload", "the webhook carries no annotation with an id")
+        if annotation.get("was_cancelled"):
+            self.store.forget(annotation["id"])
+            raise QualityError("skipped_annotation", f"annotation {annotation['id']} was skipped by the annotator")
+        task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+        task_id = task.get("id", annotation.get("task"))
+        if not isinstance(task_id, int):
+            raise QualityError("bad_payload", "the webhook names no task")
+        project = payload.get("project")
+        project = project.get("id") if isinstance(project, dict) else annotation.get("project", project)
+        predictions = [p for p in self.predictions_of(task_id, project)
+                       if isinstance(p, dict) and p.get("model_version") == self.model_version]
+        if not predictions:
+            raise QualityError("no_prediction", f"task {task_id} has no prediction of {self.model_version}")
+        parent = annotation.get("parent_prediction")
+        ours = next((p for p in predictions if parent is not None and p.get("id") == parent), None)
+        ours = ours or max(predictions, key=lambda p: (p.get("score") or 0.0, -(p.get("id") or 0)))
+        numbers = compare(annotation.get("result"), ours.get("result"))
+        score = ours.get("score")
+        self.store.record(annotation["id"], task_id, project if isinstance(project, int) else None,
+                          self.model_version, ours.get("id"), float(score) if score is not None else None,
+                          numbers, str(payload.get("action")))
+        log.info("annotation %s of task %s: IoU %.3f with our prediction %s (score %s)", annotation["id"],
+                 task_id, numbers["iou"], ours.get("id"), score)
+        return numbers
+
+
+def label_studio_lookup(backend) -> Lookup:
+    """Our predictions of a task, from Label Studio, with the backend's connections (/setup, env)."""
+
+    def predictions_of(task_id: int, project: Any) -> list:
+        last: Exception | None = None
+        for conn in backend.connections_for(project):
+            if not conn.url:
+                continue
+            try:
+                headers = backend.fetcher.auth.header(conn.url, conn.token)
+                r = requests.get(f"{conn.url}/api/predictions", params={"task": task_id}, headers=headers,
+                                 timeout=backend.settings.fetch_timeout)
+                if r.status_code in (401, 403):
+                    raise QualityError("auth", f"Label Studio refused the predictions lookup (HTTP {r.status_code})")
+                r.raise_for_status()
+                data = r.json()
+                return data if isinstance(data, list) else data.get("results", [])
+            except (requests.RequestException, ValueError, QualityError) as exc:
+                last = exc
+        if isinstance(last, QualityError):
+            raise last
+        raise QualityError("unreachable", f"could not read task {task_id}'s predictions from Label Studio "
+                                          f"({last.__class__.__name__ if last else 'no Label Studio connection'})")
+
+    return predictions_of
+
+
+def concerns(payload: dict) -> bool:
+    """Whether a webhook is about an annotation the tracker handles (created, updated, deleted)."""
+    action = payload.get("action")
+    if action in ACTIONS:
+        return isinstance(payload.get("annotation"), dict)
+    return action == "ANNOTATIONS_DELETED" and isinstance(payload.get("annotations"), list)
+
+
+_trackers_lock = threading.Lock()
+
+
+def tracker_for(backend) -> QualityTracker:
+    """The backend's tracker, created on first use (its store under MODEL_DIR)."""
+    with _trackers_lock:
+        tracker = getattr(backend, "_quality_tracker", None)
+        if tracker is None:
+            store = QualityStore(Path(backend.settings.model_dir) / DB_NAME)
+            tracker = QualityTracker(store, backend.model_version, label_studio_lookup(backend), backend.counters)
+            backend._quality_tracker = tracker
+        return tracker
+
+
+def metrics_for(backend) -> dict[str, Any]:
+    """The "quality" part of /metrics (an "error" instead when the store cannot be opened).
+    Reading creates nothing: without a store yet, the numbers are empty."""
+    try:
+        if getattr(backend, "_quality_tracker", None) is None and \
+                not (Path(backend.settings.model_dir) / DB_NAME).exists():
+            return quality_metrics([], backend.model_version)
+        return tracker_for(backend).store.metrics(backend.model_version)
+    except (OSError, sqlite3.Error) as exc:
+        return {"error": f"quality store unavailable: {exc}"}

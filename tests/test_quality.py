@@ -1,0 +1,180 @@
+"""Quality from corrections, in-process: mask comparison, the SQLite store, the tracker, and the
+/webhook -> /metrics path of the real app, with a stdlib HTTP server playing Label Studio's
+/api/predictions (token-checked) so that the real lookup code runs. The same path against a real
+Label Studio is in tests/test_preannotate_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend import quality
+from backend._wsgi import create_app
+from backend.model import HybridGLBackend
+from backend.preannotate import histogram_png, margin_of, write_report, Row
+from backend.quality import QualityError, QualityStore, QualityTracker, compare
+from backend.settings import Settings
+
+TOKEN = "quality-token-0123"
+H, W = 8, 10
+
+
+def region(mask: np.ndarray, label="Target", name="mask") -> dict:
+    return {"id": "r", "type": "brushlabels", "from_name": name, "to_name": "image", "original_width": W,
+            "original_height": H, "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255),
+                                            "brushlabels": [label]}}
+
+
+def box(y0, y1, x0, x1) -> np.ndarray:
+    m = np.zeros((H, W), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_compare_masks():
+    ours = box(0, 4, 0, 10)  # 40 pixels
+    assert compare([region(ours)], [region(ours)])["iou"] == 1.0
+    half = compare([region(box(0, 2, 0, 10))], [region(ours)])
+    assert (half["iou"], half["intersection"], half["union"]) == (0.5, 20, 40)
+    # the annotation's regions of our tag and label are united; others are not ours to compare
+    two = compare([region(box(0, 2, 0, 10)), region(box(2, 4, 0, 10)), region(box(4, 8, 0, 10), label="Other"),
+                   region(box(4, 8, 0, 10), name="other_tag")], [region(ours)])
+    assert two["iou"] == 1.0 and two["annotated_pixels"] == 40
+    assert compare([], [region(ours)])["iou"] == 0.0  # the annotator erased our mask
+    assert compare([], [])["iou"] == 1.0  # nothing there, and we proposed nothing
+    assert compare([region(ours)], [])["iou"] == 0.0  # we proposed nothing, the annotator painted
+    bigger = region(np.ones((H + 1, W), bool))
+    bigger["original_height"] = H + 1
+    with pytest.raises(QualityError) as e:
+        compare([bigger], [region(ours)])
+    assert e.value.kind == "size_mismatch"
+
+
+def test_store_metrics_update_and_persistence(tmp_path):
+    store = QualityStore(tmp_path / "q.sqlite3")
+    n = lambda i, u: {"iou": i / u, "intersection": i, "union": u, "annotated_pixels": u, "predicted_pixels": i}
+    store.record(1, 10, 3, "v1", 100, 0.95, n(9, 10), "ANNOTATION_CREATED")
+    store.record(2, 11, 3, "v1", 101, 0.15, n(1, 30), "ANNOTATION_CREATED")
+    store.record(3, 12, 3, "v0", 102, 0.5, n(0, 5), "ANNOTATION_CREATED")
+    m = store.metrics("v1")
+    assert m["count"] == 2 and m["mIoU"] == pytest.approx((0.9 + 1 / 30) / 2) and m["oIoU"] == pytest.approx(10 / 40)
+    assert m["other_versions"] == {"v0": 1}
+    buckets = {(b["score_from"], b["score_to"]): b for b in m["by_score"]}
+    assert len(buckets) == 10 and buckets[(0.9, 1.0)]["count"] == 1 and buckets[(0.1, 0.2)]["count"] == 1
+    assert buckets[(0.9, 1.0)]["mIoU"] == pytest.approx(0.9) and buckets[(0.5, 0.6)]["mIoU"] is None
+    store.record(2, 11, 3, "v1", 101, 0.15, n(30, 30), "ANNOTATION_UPDATED")  # an update replaces the pair
+    again = QualityStore(tmp_path / "q.sqlite3").metrics("v1")  # ... and it survives a restart
+    assert again["count"] == 2 and again["mIoU"] == pytest.approx(0.95)
+    store.forget(1)
+    assert store.metrics("v1")["count"] == 1
+
+
+def test_tracker_picks_our_prediction(tmp_path):
+    ours, other = box(0, 4, 0, 10), box(4, 8, 0, 10)
+    predictions = {7: [{"id": 1, "model_version": "v1", "score": 0.9, "result": [region(other)]},
+                       {"id": 2, "model_version": "v1", "score": 0.4, "result": [region(ours)]},
+                       {"id": 3, "model_version": "someone-else", "score": 1.0, "result": [region(ours)]}],
+                   8: [{"id": 4, "model_version": "someone-else", "score": 1.0, "result": []}]}
+    tracker = QualityTracker(QualityStore(tmp_path / "q.sqlite3"), "v1", lambda task, project: predictions[task])
+
+    def payload(ann_id, task, result, **extra):
+        return {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": task},
+                "annotation": {"id": ann_id, "task": task, "result": result, **extra}}
+
+    # the parent prediction when it is ours, else our best-scored one
+    assert tracker.process(payload(1, 7, [region(ours)], parent_prediction=2))["iou"] == 1.0
+    assert tracker.process(payload(2, 7, [region(ours)]))["iou"] == 0.0
+    assert tracker.process(payload(3, 8, [region(ours)])) is None  # no prediction of ours
+    assert tracker.process(payload(4, 7, [region(ours)], was_cancelled=True)) is None
+    rows = tracker.store.rows("v1")
+    assert [(r["annotation_id"], r["prediction_id"], r["score"]) for r in rows] == [(1, 2, 0.4), (2, 1, 0.9)]
+
+
+class FakePredictions:
+    """Label Studio's GET /api/predictions?task=ID, token-checked."""
+
+    def __init__(self, predictions: dict[int, list]):
+        outer = self
+        self.seen: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.seen.append(self.path)
+                url = urlparse(self.path)
+                if self.headers.get("Authorization") != f"Token {TOKEN}":
+                    return self.send_error(401)
+                if url.path != "/api/predictions":
+                    return self.send_error(404)
+                data = json.dumps(predictions.get(int(parse_qs(url.query)["task"][0]), [])).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tiny_models import tiny_hybridgl
+
+    return tiny_hybridgl(sam=False)
+
+
+def test_webhook_to_metrics_through_the_app(model, tmp_path):
+    backend = HybridGLBackend(model, Settings(model_dir=tmp_path / "model-dir"))
+    version = backend.model_version
+    ours = box(0, 4, 0, 10)
+    server = FakePredictions({5: [{"id": 9, "model_version": version, "score": 0.72, "result": [region(ours)]}]})
+    try:
+        c = create_app(backend).test_client()
+        empty = c.get("/metrics").get_json()["quality"]
+        assert empty["count"] == 0 and empty["mIoU"] is None and len(empty["by_score"]) == 10
+        assert not (tmp_path / "model-dir").exists()  # reading /metrics creates nothing
+        # Label Studio's /setup gives the URL and token the lookup uses
+        c.post("/setup", json={"hostname": server.url, "access_token": TOKEN, "project": 3})
+        answer = c.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 5},
+                                          "annotation": {"id": 1, "task": 5, "result": [region(box(0, 2, 0, 10))]}})
+        assert answer.get_json()["quality"] == "queued"
+        assert quality.tracker_for(backend).wait(10)
+        q = c.get("/metrics").get_json()["quality"]
+        assert (q["count"], q["mIoU"], q["oIoU"]) == (1, 0.5, 0.5)
+        assert [b["count"] for b in q["by_score"]][7] == 1
+        assert server.seen == ["/api/predictions?task=5"]
+        assert (tmp_path / "model-dir" / "quality.sqlite3").is_file()
+        # other events are counted as before and leave the numbers alone
+        assert c.post("/webhook", json={"action": "PROJECT_UPDATED"}).get_json().get("quality") is None
+        c.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}]})
+        assert c.get("/metrics").get_json()["quality"]["count"] == 0
+    finally:
+        server.close()
+
+
+def test_report_files(tmp_path):
+    rows = [Row(3, "/a.png", "the cup", 0.8, 0.5, "predicted"), Row(1, "/b.png", "the lamp", 0.2, 0.01, "predicted"),
+            Row(2, "/c.png", "", None, None, "failed", "missing_image: gone"), Row(4, "/a.png", "x", 0.5, None, "existing")]
+    write_report(tmp_path, rows, "v1")
+    lines = (tmp_path / "scores.csv").read_text().splitlines()
+    assert lines[0] == "task_id,image,expression,score,margin,status,reason"
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "4", "3", "2"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "score_histogram.png") as im:
+        assert im.size == (640, 400)
+    histogram_png(tmp_path / "empty.png", [], 10, "none")
+    assert margin_of(None) is None
