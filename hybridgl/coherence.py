@@ -36,13 +36,13 @@ def self_self_attention(layer: nn.Module, x: torch.Tensor, iterations: int,
     else:
         inv_temp = temperature
 
-    def attend(z: torch.Tensor) -> torch.Tensor:  # softmax of the scaled cosine self-similarity
+    def attend(z: torch.Tensor) -> torch.Tensor:  # softmax of the scaled cosine self-similarity of unit rows
         return (z @ z.transpose(-2, -1) * inv_temp).softmax(dim=-1)
 
-    streams = [v, k, q]
+    streams = [F.normalize(z, dim=-1) for z in (v, k, q)]
     for _ in range(iterations):
-        streams = [attend(F.normalize(z, dim=-1)) @ F.normalize(z, dim=-1) for z in streams]
-    out = sum(attend(F.normalize(z, dim=-1)) @ v for z in streams) / 3
+        streams = [F.normalize(attend(z) @ z, dim=-1) for z in streams]
+    out = sum(attend(z) @ v for z in streams) / 3
     return attn.out_proj(clip_vit.merge_heads(out))
 
 

@@ -55,13 +55,13 @@ def local_inputs(image01: torch.Tensor, masks: torch.Tensor, config: HybridGLCon
     return _resize(x * m + (1 - m) * fill, config.clip_input_size)
 
 
-def global_inputs(image: np.ndarray, blurred: np.ndarray, masks: torch.Tensor,
+def global_inputs(sharp: torch.Tensor, blurred: torch.Tensor, masks: torch.Tensor,
                   config: HybridGLConfig) -> torch.Tensor:
-    """Global branch inputs [B,3,S,S]: sharp pixels inside each mask, blurred ones outside (uint8 composite)."""
-    device = masks.device
-    sharp = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)
-    soft = torch.from_numpy(np.array(blurred, dtype=np.uint8)).to(device)
-    composite = torch.where(masks[..., None], sharp[None], soft[None])  # uint8 [B,H,W,3]
+    """Global branch inputs [B,3,S,S]: sharp pixels inside each mask, blurred ones outside (uint8 composite).
+
+    sharp, blurred: uint8 [H,W,3] on the masks' device; masks: bool [B,H,W].
+    """
+    composite = torch.where(masks[..., None], sharp[None], blurred[None])  # uint8 [B,H,W,3]
     x = composite.permute(0, 3, 1, 2).float().div(255)
     return normalize(_resize(x, config.clip_input_size), config.image_mean, config.image_std)
 
@@ -143,14 +143,15 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     dtype = getattr(torch, config.dtype)
     grid = config.clip_input_size // clip_vit.patch_size(clip)
     image01 = image_tensor(image, device)
-    blurred = blur(image, config.blur_kernel)
+    sharp = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)  # once, not per batch
+    blurred = torch.from_numpy(blur(image, config.blur_kernel)).to(device)
     # The full-resolution inputs of a batch take ~28 bytes per pixel and mask: cap them near 1.5 GB.
     step = max(1, min(config.feature_batch_size, MAX_BATCH_PIXELS // (image.shape[0] * image.shape[1])))
     out = []
     for lo in range(0, n, step):
         batch = masks[lo:lo + step]
         local = local_inputs(image01, batch, config)
-        glob = global_inputs(image, blurred, batch, config)
+        glob = global_inputs(sharp, blurred, batch, config)
         w = token_masks(batch, grid)
         if debug is not None:
             for key, value in (("local_imgs", local), ("global_imgs", glob), ("soft_masks", w[:, 1:])):

@@ -302,8 +302,9 @@ class HybridGL:
         hybrid_index = int(torch.argmax(S))
         ranking = [{"index": int(I[o]), "score": float(shares[o]), "semantic": float(p_np[I[o]]),
                     "final": float(F_[o])} for o in order]
+        candidates = set(I.tolist())
         ranking += [{"index": int(i), "score": 0.0, "semantic": float(p_np[i]), "final": None}
-                    for i in np.argsort(-p_np, kind="stable") if i not in set(I.tolist())]
+                    for i in np.argsort(-p_np, kind="stable") if i not in candidates]
         explain.update(
             k1=np.int64(len(I)), k2=np.int64(min(cfg.k2, n)), topk_I=I, J_used=J, R=R, P=P,
             black=np.float64(black), gem_A=A.cpu().numpy(), gem_Aprime=A_prime.cpu().numpy(),
