@@ -6,6 +6,7 @@ takes any image fetcher and returns one `TaskOutcome` per task; `predict` is Lab
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -281,9 +282,9 @@ class HybridGLBackend:
             with self._views_lock:
                 self._views[key] = view
                 limit = self.settings.cache_mb * 2**20
-                while len(self._views) > self.settings.cache_images or (
-                        len(self._views) > 1 and sum(map(view_bytes, self._views.values())) > limit):
-                    self._views.popitem(last=False)
+                total = sum(map(view_bytes, self._views.values()))
+                while len(self._views) > self.settings.cache_images or (len(self._views) > 1 and total > limit):
+                    total -= view_bytes(self._views.popitem(last=False)[1])
         return view
 
     def _cached(self, key: str) -> PreparedView | None:
@@ -297,20 +298,16 @@ class HybridGLBackend:
         with self._views_lock:
             return len(self._views)
 
+    @contextlib.contextmanager
     def _busy(self):
-        backend = self
-
-        class Busy:
-            def __enter__(self):
-                with backend._state_lock:
-                    backend.busy += 1
-
-            def __exit__(self, *exc):
-                with backend._state_lock:
-                    backend.busy -= 1
-
-        return Busy()
-
+        """Counts the requests waiting for or holding the model (shown by /metrics)."""
+        with self._state_lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self.busy -= 1
 
 def view_bytes(view: PreparedView) -> int:
     """Memory a prepared view holds (image, masks on the host and, once used, on the device, features)."""

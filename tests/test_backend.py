@@ -615,3 +615,23 @@ def test_the_reusable_path_takes_any_image_source(model):
     assert ok.to_label_studio() == ok.predictions and ok.seconds > 0
     (one,) = backend.predict_tasks(tasks[:1], parse_config(CONFIG), fetch=fetch, alternatives=1)
     assert isinstance(one.to_label_studio(), dict)
+
+
+def test_prepared_image_cache_is_bounded_by_count_and_bytes(model):
+    from backend.model import view_bytes
+
+    images = [(GOLDEN_DIR / name / "image.png").read_bytes()
+              for name in ("p00_cup_left_of_plate", "p01_red_ball", "p07_chair_in_middle")]
+    backend = HybridGLBackend(model, Settings(cache_images=2))
+    views = [backend.prepared(raw, decode_image(raw, 10**8)) for raw in images]
+    assert backend.cache_size() == 2  # the oldest was evicted
+    assert backend.prepared(images[2], decode_image(images[2], 10**8)) is views[2]
+    assert backend.counters.snapshot()["cache.misses"] == 3
+    # a byte budget that holds the largest view but not two of them keeps only the newest
+    budget = max(map(view_bytes, views))
+    tight = HybridGLBackend(model, Settings(cache_images=10, cache_mb=-(-budget // 2**20)))
+    assert 2 * min(map(view_bytes, views)) > tight.settings.cache_mb * 2**20  # no two views fit
+    for raw in images:
+        tight.prepared(raw, decode_image(raw, 10**8))
+    assert tight.cache_size() == 1
+    assert tight.busy == 0  # every prepare released its slot
