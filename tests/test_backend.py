@@ -10,8 +10,6 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -25,6 +23,7 @@ from backend.labeling import TaskError, parse_config
 from backend.model import HybridGLBackend
 from backend.settings import Settings
 
+from local_http import LocalServer, QuietHandler
 from tiny_models import GOLDEN_DIR, tiny_hybridgl
 
 CONFIG = """<View>
@@ -41,7 +40,7 @@ IMAGE_A = (GOLDEN_DIR / "p00_cup_left_of_plate" / "image.png").read_bytes()
 IMAGE_B = (GOLDEN_DIR / "p07_chair_in_middle" / "image.png").read_bytes()
 
 
-class FakeLabelStudio:
+class FakeLabelStudio(LocalServer):
     """Uploads at /data/upload/<name> (Token or refreshed Bearer auth), /api/token/refresh, presign."""
 
     def __init__(self, files: dict[str, bytes]):
@@ -49,10 +48,7 @@ class FakeLabelStudio:
         self.log: list[tuple[str, str | None]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def authorized(self) -> bool:
                 return self.headers.get("Authorization") in (f"Token {TOKEN}", "Bearer access-1")
 
@@ -60,11 +56,7 @@ class FakeLabelStudio:
                 outer.log.append((self.path, self.headers.get("Authorization")))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path == "/api/token/refresh" and body.get("refresh") == PAT:
-                    data = json.dumps({"access": "access-1"}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    self.send_body(json.dumps({"access": "access-1"}).encode())
                 else:
                     self.send_error(401)
 
@@ -84,19 +76,9 @@ class FakeLabelStudio:
                     return self.send_error(401)
                 if name not in outer.files:
                     return self.send_error(404)
-                data = outer.files[name]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(outer.files[name])
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def png(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
@@ -467,34 +449,23 @@ def test_tokens_never_reach_the_logs(model, ls, caplog):
 
 
 def test_redirects_from_allowed_hosts_must_stay_on_allowed_hosts(model):
-    class Redirector(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
+    class Redirector(QuietHandler):
         def do_GET(self):
             if self.path == "/image.png":
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(IMAGE_A)))
-                self.end_headers()
-                self.wfile.write(IMAGE_A)
+                self.send_body(IMAGE_A)
                 return
             target = "http://localhost:%d/image.png" if self.path == "/elsewhere" else "http://127.0.0.1:%d/image.png"
             self.send_response(302)
             self.send_header("Location", target % self.server.server_address[1])
             self.end_headers()
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with LocalServer(Redirector) as server:
+        base = server.url
         _, c = make_client(model, allowed_hosts=("127.0.0.1",))
         same, other = predict(c, [{"id": 1, "data": {"image": base + "/here", "text": "the cup"}},
                                   {"id": 2, "data": {"image": base + "/elsewhere", "text": "the cup"}}])
         assert "result" in same
         assert other["kind"] == "forbidden" and "localhost" in other["error"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_limits_on_tasks_and_image_bytes(model, ls):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from urllib.request import urlopen
@@ -24,7 +23,7 @@ from PIL import Image
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from harness import LS_VENV, Backend, LabelStudio  # noqa: E402
+from harness import Backend, LabelStudio, require_label_studio  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -52,15 +51,6 @@ CONFIG_ALT = """<View>
 </View>"""
 IMAGE_A = (GOLDEN_DIR / "p00_cup_left_of_plate" / "image.png").read_bytes()
 IMAGE_B = (GOLDEN_DIR / "p07_chair_in_middle" / "image.png").read_bytes()
-
-
-def require_label_studio() -> None:
-    if (LS_VENV / "bin" / "label-studio").exists():
-        return
-    message = "Label Studio is not installed in .venv-ls (run tests/e2e/setup_ls.sh)"
-    if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":
-        pytest.fail(message + "; HYBRIDGL_REQUIRE_E2E=1 makes this a failure")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

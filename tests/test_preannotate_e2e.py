@@ -26,7 +26,7 @@ from PIL import Image
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from harness import LS_VENV, ROOT, Backend, LabelStudio  # noqa: E402
+from harness import ROOT, Backend, LabelStudio, require_label_studio  # noqa: E402
 from serve_tiny import tiny_environment  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -41,15 +41,6 @@ CONFIG = """<View>
 </View>"""
 SCENES = ["p00_cup_left_of_plate", "p01_red_ball", "p02_bird_above_tree", "p05_apple_in_bowl", "p07_chair_in_middle"]
 EXPRESSIONS = ["the object on the left", "the red thing", "the biggest one", "the thing in the middle"]
-
-
-def require_label_studio() -> None:
-    if (LS_VENV / "bin" / "label-studio").exists():
-        return
-    message = "Label Studio is not installed in .venv-ls (run tests/e2e/setup_ls.sh)"
-    if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":
-        pytest.fail(message + "; HYBRIDGL_REQUIRE_E2E=1 makes this a failure")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

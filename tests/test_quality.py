@@ -6,8 +6,6 @@ Label Studio is in tests/test_preannotate_e2e.py.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -20,6 +18,8 @@ from backend.model import HybridGLBackend
 from backend.preannotate import histogram_png, margin_of, write_report, Row
 from backend.quality import QualityError, QualityStore, QualityTracker, compare
 from backend.settings import Settings
+
+from local_http import LocalServer, QuietHandler
 
 TOKEN = "quality-token-0123"
 H, W = 8, 10
@@ -96,17 +96,14 @@ def test_tracker_picks_our_prediction(tmp_path):
     assert [(r["annotation_id"], r["prediction_id"], r["score"]) for r in rows] == [(1, 2, 0.4), (2, 1, 0.9)]
 
 
-class FakePredictions:
+class FakePredictions(LocalServer):
     """Label Studio's GET /api/predictions?task=ID, token-checked."""
 
     def __init__(self, predictions: dict[int, list]):
         outer = self
         self.seen: list[str] = []
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 outer.seen.append(self.path)
                 url = urlparse(self.path)
@@ -114,19 +111,9 @@ class FakePredictions:
                     return self.send_error(401)
                 if url.path != "/api/predictions":
                     return self.send_error(404)
-                data = json.dumps(predictions.get(int(parse_qs(url.query)["task"][0]), [])).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(json.dumps(predictions.get(int(parse_qs(url.query)["task"][0]), [])).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

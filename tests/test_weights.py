@@ -3,7 +3,6 @@ the check table, offline mode, local paths, and the command line. No real weight
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from hybridgl import weights
 
+from local_http import LocalServer, QuietHandler
 from tiny_models import TINY_CLIP_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ TYPE = "vit_b"
 NAME = weights.SAM_CHECKPOINTS[TYPE].filename
 
 
-class Server:
+class Server(LocalServer):
     """Serves PAYLOAD at /NAME on 127.0.0.1 with Range support, recording every request.
 
     cut: the first response stops after that many body bytes and the connection is closed;
@@ -37,11 +37,8 @@ class Server:
         self.cut, self.ignore_range, self.fail = cut, ignore_range, fail
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
 
             def do_GET(self):
                 outer.requests.append({"path": self.path, "range": self.headers.get("Range")})
@@ -77,15 +74,7 @@ class Server:
                     return
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

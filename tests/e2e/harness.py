@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from urllib import error, request
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 LS_VENV = ROOT / ".venv-ls"
 
@@ -64,6 +66,25 @@ class Process:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
+    def wait_ready(self, url: str, timeout: float, what: str) -> None:
+        """Wait for url to answer 200; if it does not, stop the process and show its last log lines."""
+        try:
+            wait_http(url, timeout, self.proc)
+        except Exception:
+            log = self.tail()
+            self.stop()
+            raise RuntimeError(f"{what} did not start:\n{log}")
+
+
+def require_label_studio() -> None:
+    """Skip without .venv-ls, except under HYBRIDGL_REQUIRE_E2E=1 (CI), where it is a failure."""
+    if (LS_VENV / "bin" / "label-studio").exists():
+        return
+    message = "Label Studio is not installed in .venv-ls (run tests/e2e/setup_ls.sh)"
+    if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":
+        pytest.fail(message + "; HYBRIDGL_REQUIRE_E2E=1 makes this a failure")
+    pytest.skip(message)
+
 
 class LabelStudio:
     """`label-studio start` on a throw-away data dir, plus a tiny API client (stdlib only)."""
@@ -88,12 +109,7 @@ class LabelStudio:
                                 "127.0.0.1", "--port", str(self.port), "--data-dir", str(data), "--username",
                                 "e2e@example.com", "--password", "e2e-password-123", "--user-token", self.token,
                                 "--enable-legacy-api-token"], env, work / "label-studio.log")
-        try:
-            wait_http(self.url + "/health", start_timeout, self.process.proc)
-        except Exception:
-            log = self.process.tail()
-            self.process.stop()
-            raise RuntimeError(f"Label Studio did not start:\n{log}")
+        self.process.wait_ready(self.url + "/health", start_timeout, "Label Studio")
 
     def stop(self) -> None:
         self.process.stop()
@@ -143,12 +159,7 @@ class Backend:
                                 "127.0.0.1", "--port", str(self.port), *(args or [])], full_env, work / f"{name}.log")
 
     def wait(self, timeout: float = 180) -> "Backend":
-        try:
-            wait_http(self.url + "/health", timeout, self.process.proc)
-        except Exception:
-            log = self.process.tail()
-            self.process.stop()
-            raise RuntimeError(f"the backend did not start:\n{log}")
+        self.process.wait_ready(self.url + "/health", timeout, "the backend")
         return self
 
     def stop(self) -> None:
