@@ -30,6 +30,27 @@ log = logging.getLogger("backend")
 # fetch(url, task_id) -> the image file's bytes; raises TaskError for that task
 Fetch = Callable[[str, Any], bytes]
 
+# Failures of the task's own data (its image or its expression): recorded in Label Studio as an
+# empty prediction scored 0 (HybridGLBackend.failure_prediction). The other kinds (Label Studio
+# unreachable, a refused token, a bad config, too many tasks, an internal error) are not the task's
+# fault or are transient: no prediction is stored, so a later retrieval tries again.
+TASK_FAILURES = frozenset({"missing_image", "bad_image", "fetch", "forbidden", "no_expression",
+                           "bad_expression", "bad_task"})
+
+
+def alternative_version(version: str, rank: int) -> str:
+    """The model_version of the rank-th mask (rank >= 2). Label Studio's Data Manager score and its
+    uncertainty sampling read only the predictions of the project's model_version: the
+    alternatives stay out of them, so a task's score is its best mask's confidence, undiluted; in
+    the editor the suffix (with the score Label Studio shows beside it) tells the masks apart."""
+    return f"{version}-rank{rank}"
+
+
+def is_our_version(version: Any, model_version: str) -> bool:
+    """The best mask's version or one of its alternatives'."""
+    return isinstance(version, str) and (version == model_version or (
+        version.startswith(model_version + "-rank") and version[len(model_version) + 5:].isdigit()))
+
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """bool [H,W] -> Label Studio's brush RLE (RGBA, 0/255), row-major at the mask's size."""
@@ -68,7 +89,8 @@ class TaskOutcome:
     """What happened to one task.
 
     predictions: Label Studio prediction dicts ({"result", "score", "model_version"}), best first;
-      one with an empty result when the image has no mask proposal; [] when the task failed.
+      one with an empty result when the image has no mask proposal; when the task failed, the empty
+      failure prediction (score 0) for a failure of the task's own data (TASK_FAILURES), else [].
     error: why the task failed (its kind is counted in /metrics), else None.
     segmentation: hybridgl's answer (score, ranking, parse), when the model ran.
     """
@@ -85,11 +107,18 @@ class TaskOutcome:
         return self.error is None
 
     def to_label_studio(self) -> dict | list[dict]:
-        """One /predict `results` entry: a prediction, a list of them, or an error without `result`
-        (Label Studio stores nothing for an entry without `result`)."""
+        """One /predict `results` entry: a prediction, a list of them, or an error.
+
+        Alternatives come worst first and the best mask last: the editor lists the most recently
+        created prediction first (and pre-fills it when no prediction has the project's version).
+        A failed task's entry is its failure prediction with the error beside it, which Label
+        Studio stores (so the task is not asked again on every opening); without one, an error
+        without `result`, for which Label Studio stores nothing (a later retrieval retries).
+        """
         if self.error is not None:
-            return {"error": str(self.error), "kind": self.error.kind, "task": self.task_id}
-        return self.predictions[0] if len(self.predictions) == 1 else self.predictions
+            error = {"error": str(self.error), "kind": self.error.kind, "task": self.task_id}
+            return {**self.predictions[0], **error} if self.predictions else error
+        return self.predictions[0] if len(self.predictions) == 1 else self.predictions[::-1]
 
 
 class HybridGLBackend:
@@ -109,10 +138,9 @@ class HybridGLBackend:
         self._last_connection: LabelStudioConnection | None = None
         self._schemas: dict[str, str] = {}  # labelling configs /setup sent, per project
         self.busy = 0
-        version = model.model_version
-        if self.settings.alternatives > 1:  # the output changes with it, so the version must too
-            version += f"-alt{self.settings.alternatives}"
-        self.model_version = version
+        # the best mask's version: the same whatever HYBRIDGL_ALTERNATIVES (the best mask does not
+        # change with it); the alternatives carry alternative_version(...)
+        self.model_version = model.model_version
 
     # -- label-studio-ml 2.x surface ----------------------------------------------------------------
     def setup(self, hostname: str | None = None, access_token: str | None = None, project: Any = None,
@@ -206,7 +234,8 @@ class HybridGLBackend:
                                alternatives, outcome)
             self.counters.add("tasks.ok")
         except TaskError as exc:
-            outcome.error, outcome.predictions = exc, []
+            outcome.error = exc
+            outcome.predictions = [self.failure_prediction(exc)] if exc.kind in TASK_FAILURES and not context else []
             self.counters.add(f"errors.{exc.kind}")
             log.warning("task %s: %s: %s", task_id, exc.kind, exc)
         except Exception as exc:  # a bug or an unexpected input must not fail the batch
@@ -244,19 +273,30 @@ class HybridGLBackend:
         # the editor shows one suggestion for an interactive request; batch retrieval gets alternatives
         k = 1 if context else (alternatives or self.settings.alternatives)
         to_view = (lambda i: int(indices[i])) if indices is not None else int
-        outcome.predictions = [self.prediction(view.masks[to_view(r["index"])], r["score"], interface, h, w)
-                               for r in seg.ranking[:k]]
+        outcome.predictions = [self.prediction(view.masks[to_view(r["index"])], r["score"], interface, h, w, rank)
+                               for rank, r in enumerate(seg.ranking[:k], start=1)]
         self.counters.add("predictions", len(outcome.predictions))
 
-    def prediction(self, mask: np.ndarray, score: float, interface: Interface, h: int, w: int) -> dict:
-        """One Label Studio prediction holding one brush region at the image's original size."""
+    def prediction(self, mask: np.ndarray, score: float, interface: Interface, h: int, w: int,
+                   rank: int = 1) -> dict:
+        """One Label Studio prediction holding one brush region at the image's original size;
+        the rank-th mask of the ranking (rank > 1: an alternative, with its own model_version)."""
         region = {
             "id": uuid.uuid4().hex[:10], "from_name": interface.brush_name, "to_name": interface.image_name,
             "type": "brushlabels", "original_width": int(w), "original_height": int(h), "image_rotation": 0,
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [interface.label]},
             "score": float(score), "readonly": False,
         }
-        return {"result": [region], "score": float(score), "model_version": self.model_version}
+        version = self.model_version if rank == 1 else alternative_version(self.model_version, rank)
+        return {"result": [region], "score": float(score), "model_version": version}
+
+    def failure_prediction(self, error: TaskError) -> dict:
+        """The empty prediction, scored 0, that records a task HybridGL cannot predict in Label Studio:
+        the task sorts first in the Data Manager's score column, the review queue serves it first,
+        and Label Studio does not ask again on every opening. `reason` says why (Label Studio keeps
+        only result, score and model_version; the reason is logged, counted and reported)."""
+        return {"result": [], "score": 0.0, "model_version": self.model_version,
+                "reason": f"{error.kind}: {error}"}
 
     # -- the prepared-image cache ---------------------------------------------------------------------
     def prepared(self, raw: bytes, image: np.ndarray) -> PreparedView:

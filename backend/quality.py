@@ -272,8 +272,11 @@ class QualityTracker:
             raise QualityError("bad_payload", "the webhook names no task")
         project = payload.get("project")
         project = project.get("id") if isinstance(project, dict) else annotation.get("project", project)
+        from .model import is_our_version
+
+        # the annotation's parent may be an alternative (its own version); else the best mask is ours
         predictions = [p for p in self.predictions_of(task_id, project)
-                       if isinstance(p, dict) and p.get("model_version") == self.model_version]
+                       if isinstance(p, dict) and is_our_version(p.get("model_version"), self.model_version)]
         if not predictions:
             raise QualityError("no_prediction", f"task {task_id} has no prediction of {self.model_version}")
         parent = annotation.get("parent_prediction")

@@ -20,7 +20,7 @@ from PIL import Image
 from backend._wsgi import create_app
 from backend.images import decode_image
 from backend.labeling import TaskError, parse_config
-from backend.model import HybridGLBackend
+from backend.model import HybridGLBackend, is_our_version
 from backend.settings import Settings
 
 from local_http import LocalServer, QuietHandler
@@ -161,8 +161,17 @@ def test_batch_order_shared_image_cache_and_bad_tasks(client):
              task(15, "broken.png"), task(16, "text.png"), task(17, "a.png", "   ")]
     results = predict(c, tasks)
     assert len(results) == len(tasks)
-    ok = [i for i, r in enumerate(results) if "result" in r]
+    ok = [i for i, r in enumerate(results) if "error" not in r]
     assert ok == [0, 2, 3]
+    version = backend.model_version
+    for i in ok:
+        assert len(results[i]["result"]) == 1 and results[i]["score"] > 0 and results[i]["model_version"] == version
+    # a failure of the task's own data is an empty prediction scored 0 of our version, which Label
+    # Studio stores: the task sorts first for review and is not asked again on every opening
+    for i in (1, 4, 5, 6, 7):
+        r = results[i]
+        assert (r["result"], r["score"], r["model_version"], r["task"]) == ([], 0.0, version, tasks[i]["id"])
+        assert r["reason"] == f"{r['kind']}: {r['error']}"
     kinds = [r.get("kind") for r in results]
     assert kinds[1] == "missing_image" and kinds[4] == "no_expression" and kinds[5] == "bad_image"
     assert kinds[6] == "bad_image" and kinds[7] == "no_expression"
@@ -203,12 +212,25 @@ def test_config_attribute_chooses_label_and_text_field():
 
 def test_alternatives_and_interactive_context(model, ls):
     backend, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, alternatives=3)
-    assert backend.model_version.endswith("-alt3")
+    assert backend.model_version == model.model_version  # the best mask does not change with alternatives
     (preds,) = predict(c, [task(1)])
     assert isinstance(preds, list) and len(preds) == 3
+    # worst first, best last (the editor lists the newest first); only the best has the version
+    # Label Studio's score column averages, the others are told apart by rank
+    v = backend.model_version
+    assert [p["model_version"] for p in preds] == [v + "-rank3", v + "-rank2", v]
+    assert [is_our_version(p["model_version"], v) for p in preds] == [True] * 3
+    assert not is_our_version(v + "-rank", v) and not is_our_version("x" + v, v) and not is_our_version(None, v)
+    preds = preds[::-1]
     masks = [decoded(p["result"][0]) for p in preds]
     assert not np.array_equal(masks[0], masks[1])
     assert preds[0]["score"] >= preds[1]["score"] >= preds[2]["score"]
+    # each score is the mask's own confidence (its softmax share among the candidates), whatever
+    # the number of alternatives asked for: the best mask's score is the same with one prediction
+    _, c1 = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, alternatives=1)
+    (single,) = predict(c1, [task(1)])
+    assert single["score"] == preds[0]["score"] and single["model_version"] == v
+    np.testing.assert_array_equal(decoded(single["result"][0]), masks[0])
     # a TextArea prompt replaces the task's text; a clicked point restricts the candidates
     view = backend.prepared(IMAGE_A, decode_image(IMAGE_A, 10**8))
     y, x = np.argwhere(view.masks[0])[0]
@@ -237,7 +259,7 @@ def test_empty_proposals_give_an_empty_prediction_with_score_zero(ls):
 def test_personal_access_token_is_refreshed(model, ls):
     _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=PAT)
     (result,) = predict(c, [task(1)])
-    assert "result" in result
+    assert "error" not in result
     assert ("/api/token/refresh", None) in ls.log
     assert any(auth == "Bearer access-1" and path.startswith("/data/upload/") for path, auth in ls.log)
 
@@ -248,13 +270,13 @@ def test_setup_hostname_and_token_take_precedence(model, ls):
     assert result["kind"] == "no_label_studio"
     c.post("/setup", json={"hostname": ls.url, "access_token": TOKEN})
     (result,) = predict(c, [task(1)])
-    assert "result" in result
+    assert "error" not in result
 
 
 def test_cloud_uri_goes_through_presign(client, ls):
     _, c = client
     (result,) = predict(c, [{"id": 77, "data": {"image": "s3://bucket/b.png", "text": "the chair"}}])
-    assert "result" in result
+    assert "error" not in result
     assert any(p.startswith("/tasks/77/presign/?fileuri=") for p, _ in ls.log)
 
 
@@ -268,7 +290,7 @@ def test_local_files_root_and_traversal_refused(model, tmp_path):
         {"id": 2, "data": {"image": "/data/local-files/?d=../secret.png", "text": "the cup"}},
         {"id": 3, "data": {"image": "/data/local-files/?d=nope.png", "text": "the cup"}},
     ])
-    assert "result" in ok and outside["kind"] == "forbidden" and absent["kind"] == "missing_image"
+    assert "error" not in ok and outside["kind"] == "forbidden" and absent["kind"] == "missing_image"
 
 
 def test_foreign_hosts_need_the_allow_list(model, ls):
@@ -278,7 +300,7 @@ def test_foreign_hosts_need_the_allow_list(model, ls):
     assert result["kind"] == "forbidden" and "HYBRIDGL_ALLOWED_HOSTS" in result["error"]
     _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, allowed_hosts=("localhost",))
     (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
-    assert "result" in result
+    assert "error" not in result
     assert not any(auth and path == "/bucket/a.png" for path, auth in ls.log)  # no token to other hosts
 
 
@@ -421,14 +443,14 @@ def test_label_studio_unreachable_is_a_task_error_and_the_server_keeps_serving(m
     _, c = make_client(model, label_studio_url=ls.url)
     c.post("/setup", json={"project": "5.1", "hostname": dead, "access_token": TOKEN, "schema": CONFIG})
     (r,) = predict(c, [task(1)])
-    assert "result" in r
+    assert "error" not in r
 
 
 def test_setup_remembers_the_config_and_connection_per_project(model, ls):
     _, c = make_client(model)
     c.post("/setup", json={"project": "7.1", "hostname": ls.url, "access_token": TOKEN, "schema": CONFIG})
     r = c.post("/predict", json={"tasks": [task(1)], "project": "7.1"})  # no label_config: the project's
-    assert "result" in r.get_json()["results"][0]
+    assert "error" not in r.get_json()["results"][0]
     r = c.post("/predict", json={"tasks": [task(1)], "project": "8.1"})  # unknown project, no config
     assert r.get_json()["results"][0]["kind"] == "config"
 
@@ -464,7 +486,7 @@ def test_redirects_from_allowed_hosts_must_stay_on_allowed_hosts(model):
         _, c = make_client(model, allowed_hosts=("127.0.0.1",))
         same, other = predict(c, [{"id": 1, "data": {"image": base + "/here", "text": "the cup"}},
                                   {"id": 2, "data": {"image": base + "/elsewhere", "text": "the cup"}}])
-        assert "result" in same
+        assert "error" not in same
         assert other["kind"] == "forbidden" and "localhost" in other["error"]
 
 
@@ -561,7 +583,7 @@ def test_gpu_work_is_serialised_across_threads(ls):
         t.start()
     for t in threads:
         t.join(120)
-    assert len(out) == 4 and all("result" in r["results"][0] for r in out)
+    assert len(out) == 4 and all("error" not in r["results"][0] for r in out)
     assert state["calls"] == 8 and state["max"] == 1
 
 
@@ -579,11 +601,14 @@ def test_the_reusable_path_takes_any_image_source(model):
              {"id": 3, "data": {"image": "b", "text": "the chair"}}]
     ok, missing, ok2 = backend.predict_tasks(tasks, parse_config(CONFIG), fetch=fetch)
     assert ok.ok and not missing.ok and missing.error.kind == "missing_image" and ok2.ok
-    assert missing.predictions == [] and missing.to_label_studio()["kind"] == "missing_image"
+    assert missing.predictions == [{"result": [], "score": 0.0, "model_version": backend.model_version,
+                                    "reason": "missing_image: no zz"}]
+    assert missing.to_label_studio() == {**missing.predictions[0], "error": "no zz", "kind": "missing_image",
+                                         "task": 2}
     seg = model.segment(model.prepare(Image.open(io.BytesIO(IMAGE_A))), "the cup")
     assert ok.expression == "the cup" and ok.segmentation.index == seg.index
     assert [p["score"] for p in ok.predictions] == pytest.approx([r["score"] for r in seg.ranking[:2]])
-    assert ok.to_label_studio() == ok.predictions and ok.seconds > 0
+    assert ok.to_label_studio() == ok.predictions[::-1] and ok.seconds > 0
     (one,) = backend.predict_tasks(tasks[:1], parse_config(CONFIG), fetch=fetch, alternatives=1)
     assert isinstance(one.to_label_studio(), dict)
 
