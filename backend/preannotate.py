@@ -164,8 +164,9 @@ def group_by_image(tasks: Sequence[dict], interface: Interface) -> list[dict]:
 
 
 def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
-        progress: bool = True, out=sys.stdout) -> Summary:
-    """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client)."""
+        progress: bool = True, out=sys.stdout, set_version: bool = True, sampling: str | None = None) -> Summary:
+    """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client),
+    then make it ready for review (see `ready_for_review`; set_version=False leaves its version alone)."""
     from tqdm import tqdm
 
     started = time.time()
@@ -221,14 +222,16 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             data = task.get("data") if isinstance(task.get("data"), dict) else {}
             image = str(data.get(interface.image_field, ""))
             expression = outcome.expression or str(data.get(interface.text_field, "") if interface.text_field else "")
+            # best mask last: Label Studio's editor lists the most recent prediction first
+            pending.extend((task["id"], p) for p in outcome.predictions[::-1])
             if outcome.ok:
-                pending.extend((task["id"], p) for p in outcome.predictions)
                 pending_rows.append(Row(task["id"], image, expression, outcome.predictions[0]["score"],
                                         margin_of(outcome.segmentation), "predicted"))
             else:
                 reason = f"{outcome.error.kind}: {outcome.error}"
                 summary.failed[task["id"]] = reason
-                rows[task["id"]] = Row(task["id"], image, expression, None, None, "failed", reason)
+                rows[task["id"]] = Row(task["id"], image, expression, 0.0 if outcome.predictions else None,
+                                       None, "failed", reason)
                 bar.write(f"task {task['id']}: failed: {reason}")
             processed += 1
             if len(pending_rows) >= batch:
@@ -242,6 +245,10 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         bar.write("interrupted: the current batch was not posted; rerun the same command to finish")
     finally:
         bar.close()
+    if summary.skipped or summary.predictions:  # Label Studio accepts only a version it holds predictions of
+        ready_for_review(ls, project, backend.model_version if set_version else None, sampling, out)
+    elif sampling:
+        print("no prediction of this version in the project: sampling left unchanged", file=out)
     summary.seconds = time.time() - started
     summary.prepared_images = backend.counters.snapshot().get("cache.misses", 0) - misses_before
     if report is not None:
@@ -249,6 +256,34 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         print(f"report: {report / 'scores.csv'}, {report / 'score_histogram.png'}", file=out)
     print_summary(summary, out)
     return summary
+
+
+SAMPLING = {"sequential": "Sequential sampling", "uniform": "Uniform sampling", "uncertainty": "Uncertainty sampling"}
+
+
+def ready_for_review(ls, project: int, model_version: str | None, sampling: str | None, out) -> None:
+    """Set the project's model_version (and its task sampling) through Label Studio's API.
+
+    Label Studio's Data Manager score column averages only the predictions of the project's
+    model_version, its Uncertainty sampling serves the lowest score among them first, and its
+    editor pre-fills the prediction of that version: with our version there, every task shows its
+    best mask's confidence. (Connect Model sets the version to the model's title, which matches none
+    of the stored predictions.) A failure here is reported, not fatal: the predictions are posted.
+    """
+    fields: dict[str, str] = {}
+    if model_version:
+        fields["model_version"] = model_version
+    if sampling:
+        fields["sampling"] = SAMPLING[sampling]
+    if not fields:
+        return
+    try:
+        ls.projects.update(id=project, **fields)
+    except Exception as exc:  # noqa: BLE001 - reported; the predictions are in place
+        print(f"warning: could not set the project's {' and '.join(fields)} ({exc.__class__.__name__}: "
+              f"{str(exc)[:200]}); set it in Settings -> Annotation", file=out)
+        return
+    print("project ready for review: " + ", ".join(f"{k} = {v}" for k, v in fields.items()), file=out)
 
 
 def print_summary(summary: Summary, out) -> None:
@@ -318,6 +353,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="pre-annotate at most N tasks in this run")
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="write DIR/scores.csv (tasks by ascending score) and DIR/score_histogram.png")
+    ap.add_argument("--keep-project-version", action="store_true",
+                    help="do not make this model version the project's (to add a version beside the one "
+                         "annotators see, and compare them); by default it is set, so that the Data Manager's "
+                         "Prediction score column and Uncertainty sampling read these predictions")
+    ap.add_argument("--sampling", choices=sorted(SAMPLING), default=None,
+                    help="also set the project's task sampling; 'uncertainty': Label All Tasks serves the "
+                         "unlabeled task with the lowest score first")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     args = ap.parse_args(argv)
@@ -366,7 +408,8 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
             backend.settings = settings
             backend.fetcher = ImageFetcher(settings)
         summary = run(backend, ls, args.project, batch=args.batch, limit=args.limit, report=args.report,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, set_version=not args.keep_project_version,
+                      sampling=args.sampling)
     except TaskError as exc:
         print(f"error: project {args.project}: {exc}", file=sys.stderr)
         return 2

@@ -120,11 +120,14 @@ def test_preannotate_a_project_then_rerun_adds_nothing(stack):
     version = version_of(backend)
     report = work / "report"
 
-    rc, out, err = preannotate(ls, env, project, "--batch", "6", "--report", str(report))
+    ls.api("POST", "/api/ml", {"url": backend.url, "project": project, "title": "hybridgl"})  # Connect Model
+    assert ls.api("GET", f"/api/projects/{project}")["model_version"] == "hybridgl"  # the title: no score shows
+    rc, out, err = preannotate(ls, env, project, "--batch", "6", "--report", str(report), "--sampling", "uncertainty")
     assert rc == 1, err[-3000:]  # some tasks failed, the rest were done
     s = summary_of(out)
     assert s["model_version"] == version  # same configuration, same version as the backend
-    assert (s["total"], s["done"], s["predictions"], s["skipped"], s["failed"]) == (22, 20, 20, 0, 2), s
+    # the broken tasks get their failure prediction (empty, score 0) too
+    assert (s["total"], s["done"], s["predictions"], s["skipped"], s["failed"]) == (22, 20, 22, 0, 2), s
     assert s["prepared_images"] == 5  # one SAM pass per image for its 4 expressions
     missing, no_text = bad
     assert s["failures"][str(missing)].split(":")[0] in ("fetch", "missing_image")
@@ -133,7 +136,18 @@ def test_preannotate_a_project_then_rerun_adds_nothing(stack):
     assert "ETA" in err or "task/s" in err or "s/task" in err  # the progress bar
 
     preds = predictions_by_task(ls, project)
-    assert sorted(preds) == sorted(good)
+    assert sorted(preds) == sorted(good + bad)
+    for task_id in bad:
+        (pred,) = preds[task_id]
+        assert (pred["result"], pred["score"], pred["model_version"]) == ([], 0.0, version)
+    # ready for review with no manual step: the project reads our version, so the Data Manager's
+    # score column holds each task's best score (failures 0) and Uncertainty sampling serves the lowest
+    settings = ls.api("GET", f"/api/projects/{project}")
+    assert (settings["model_version"], settings["sampling"]) == (version, "Uncertainty sampling")
+    listed = ls.api("GET", f"/api/tasks?project={project}&fields=all&page_size=100")["tasks"]
+    assert {t["id"]: t["predictions_score"] for t in listed} == {t: preds[t][0]["score"] for t in good + bad}
+    first = ls.api("GET", f"/api/projects/{project}/next")
+    assert first["id"] in bad and first["predictions"][0]["score"] == 0.0
     for task_id in good:
         (pred,) = preds[task_id]  # exactly one each
         assert pred["model_version"] == version and 0.0 <= pred["score"] <= 1.0
@@ -146,24 +160,22 @@ def test_preannotate_a_project_then_rerun_adds_nothing(stack):
     with open(report / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 22
-    scored = [r for r in rows if r["score"]]
+    scored = [r for r in rows if r["status"] == "predicted"]
     assert [int(r["task_id"]) for r in scored] == [
         t for _, t in sorted((round(preds[t][0]["score"], 6), t) for t in good)]
     assert all(r["expression"] in EXPRESSIONS and r["image"].startswith("/data/upload/") for r in scored)
     assert all(float(r["margin"]) >= 0 for r in scored)
-    assert [r["status"] for r in rows[-2:]] == ["failed", "failed"]
+    assert [(r["status"], r["score"]) for r in rows[:2]] == [("failed", "0.000000")] * 2  # they sort first
     with Image.open(report / "score_histogram.png") as im:
         assert im.size == (640, 400)
 
-    # a rerun (or a resumed run) adds no duplicates; the broken tasks are reported again
+    # a rerun (or a resumed run) adds no duplicates, and does not retry the recorded failures
     rc, out, err = preannotate(ls, env, project, "--no-progress")
     s = summary_of(out)
-    assert (s["done"], s["predictions"], s["skipped"], s["failed"], s["prepared_images"]) == (0, 0, 20, 2, 0), s
-    assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good}
+    assert (s["done"], s["predictions"], s["skipped"], s["failed"], s["prepared_images"]) == (0, 0, 22, 0, 0), s
+    assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good + bad}
 
-    # corrections: connect the backend (Label Studio adds its /webhook), annotate, watch /metrics
-    ml = ls.api("POST", "/api/ml", {"url": backend.url, "project": project, "title": "hybridgl"})
-    assert ml["state"] == "CO", ml
+    # corrections: the connected backend (Label Studio added its /webhook) sees annotations
     before = metrics(backend)["quality"]
     assert before["count"] == 0 and before["mIoU"] is None
 
