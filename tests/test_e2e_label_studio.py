@@ -23,24 +23,12 @@ from PIL import Image
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from harness import Backend, LabelStudio, require_label_studio  # noqa: E402
+from harness import Backend, LabelStudio, readme_config, require_label_studio  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 CONFIG_IMAGE_ONLY = '<View><Image name="image" value="$image"/></View>'
-# the labelling config of the README / docs/backend.md, verbatim
-CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <Header value="Referring expression:"/>
-  <Text name="expr" value="$text"/>
-  <BrushLabels name="mask" toName="image">
-    <Label value="Target" background="#00c000"/>
-  </BrushLabels>
-  <!-- optional, for interactive use: type an expression, click a point or draw a box -->
-  <TextArea name="prompt" toName="image" editable="true" rows="1" maxSubmissions="1"/>
-  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Target"/></KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true"><Label value="Target"/></RectangleLabels>
-</View>"""
+CONFIG = readme_config()  # the labelling config of the README, verbatim
 # a config attribute chooses the label; the expression sits in another field
 CONFIG_ALT = """<View>
   <Image name="photo" value="$picture"/>
@@ -137,14 +125,15 @@ def test_label_studio_retrieves_our_predictions(stack, library):
         np.testing.assert_array_equal(decode(region), seg.mask)
         assert pred["score"] == pytest.approx(seg.score, abs=1e-6)
         assert region["score"] == pytest.approx(seg.score, abs=1e-6)
-    assert predictions[task_ids[3]] == []  # the task whose image is missing gets none
+    # the task whose image is missing gets the failure prediction: empty, score 0, stored once
+    (failed,) = predictions[task_ids[3]]
+    assert (failed["result"], failed["score"], failed["model_version"]) == ([], 0.0, health["model_version"])
     assert ls.api("GET", f"/api/tasks/{task_ids[0]}")["total_predictions"] == 1
 
     # a second retrieval adds no duplicate
     retrieve(ls, project, task_ids)
-    for t in task_ids[:3]:
+    for t in task_ids:
         assert len(predictions_of(ls, t)) == 1
-    assert predictions_of(ls, task_ids[3]) == []
 
     # the backend counted the failure by kind, and served the shared image from its cache
     metrics = json.load(urlopen(backend.url + "/metrics", timeout=10))
@@ -165,7 +154,7 @@ def test_label_studio_retrieves_our_predictions(stack, library):
         {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["the plate"]}},
         {"type": "keypointlabels", "from_name": "point", "to_name": "image", "original_width": w,
          "original_height": h, "image_rotation": 0, "is_positive": True,
-         "value": {"x": 100 * (x + 0.5) / w, "y": 100 * (y + 0.5) / h, "width": 0.5, "keypointlabels": ["Target"]}},
+         "value": {"x": 100 * (x + 0.5) / w, "y": 100 * (y + 0.5) / h, "width": 0.5, "keypointlabels": ["Click the object"]}},
     ]}
     out = ls.api("POST", f"/api/ml/{ml['id']}/interactive-annotating", {"task": task_ids[0], "context": context})
     assert "errors" not in out, out
@@ -183,15 +172,16 @@ def test_alternatives_and_config_attributes(stack, library):
                                     "is_interactive": False})
     assert ml["state"] == "CO", ml
     version = json.load(urlopen(backend.url + "/health", timeout=10))["model_version"]
-    assert version.endswith("-alt2")
+    assert version == library.model_version  # the best mask's version, whatever the alternatives
 
     retrieve(ls, project, [task])
     preds = predictions_of(ls, task)
     assert len(preds) == 2  # the best mask and the next ranked one, as separate predictions
     view = library.prepare(Image.open(io.BytesIO(IMAGE_B)))
     seg = library.segment(view, "the chair")
+    # stored worst first (the editor lists the newest first); the alternative has its own version
+    assert [p["model_version"] for p in sorted(preds, key=lambda p: p["id"])] == [version + "-rank2", version]
     for pred in preds:
-        assert pred["model_version"] == version
         (region,) = pred["result"]
         assert (region["from_name"], region["to_name"]) == ("seg", "photo")
         assert region["value"]["brushlabels"] == ["Object"]

@@ -76,6 +76,13 @@ class Process:
             raise RuntimeError(f"{what} did not start:\n{log}")
 
 
+def readme_config() -> str:
+    """The labelling config the README gives (its first ```xml block), verbatim."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("```xml\n", 1)[1].split("```", 1)[0]
+    return "\n".join(line.strip() for line in block.splitlines()).strip()
+
+
 def require_label_studio() -> None:
     """Skip without .venv-ls, except under HYBRIDGL_REQUIRE_E2E=1 (CI), where it is a failure."""
     if (LS_VENV / "bin" / "label-studio").exists():
