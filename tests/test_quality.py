@@ -96,6 +96,21 @@ def test_tracker_picks_our_prediction(tmp_path):
     assert [(r["annotation_id"], r["prediction_id"], r["score"]) for r in rows] == [(1, 2, 0.4), (2, 1, 0.9)]
 
 
+def test_tracker_compares_with_the_alternative_the_annotator_started_from(tmp_path):
+    best, alternative = box(0, 4, 0, 10), box(4, 8, 0, 10)
+    predictions = {7: [{"id": 1, "model_version": "v1-rank2", "score": 0.3, "result": [region(alternative)]},
+                       {"id": 2, "model_version": "v1", "score": 0.6, "result": [region(best)]},
+                       {"id": 3, "model_version": "v1-rankx", "score": 0.9, "result": [region(best)]}]}
+    tracker = QualityTracker(QualityStore(tmp_path / "q.sqlite3"), "v1", lambda task, project: predictions[task])
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 7},
+               "annotation": {"id": 5, "task": 7, "result": [region(alternative)], "parent_prediction": 1}}
+    assert tracker.process(payload)["iou"] == 1.0  # the rank-2 mask, one of ours, was accepted as it was
+    payload["annotation"].update(id=6, parent_prediction=3)  # not one of ours: our best mask counts
+    assert tracker.process(payload)["iou"] == 0.0
+    rows = tracker.store.rows("v1")
+    assert [(r["annotation_id"], r["prediction_id"], r["score"]) for r in rows] == [(5, 1, 0.3), (6, 2, 0.6)]
+
+
 class FakePredictions(LocalServer):
     """Label Studio's GET /api/predictions?task=ID, token-checked."""
 
