@@ -12,11 +12,33 @@ and the same rules read the method's inputs off it:
 - relation and direction: among the keyword words, the one whose head comes earliest wins (ties:
   the first); a null word heading another phrase ("the left side") cancels the relation.
 
+Where the spec is silent, these choices make the CLIP text describe the object in terse,
+RefCOCO-style expressions ("person far right", "2nd from left", "blue shirt", "guy on rigth"):
+
+- place words (the relation and direction keywords and center, corner, edge, end, row, foreground,
+  background) are never the target nor another object: "person far right" targets "person" even
+  where the tree makes "right" the head and "person" its compound, "2nd from left" has no noun
+  naming an object and stands in whole, "guy in back row" names no other object;
+- keyword variants count as the listed keyword (KEYWORD_FORMS): "-most" forms ("rightmost",
+  "right-most"), superlatives of listed comparatives ("closest"/"nearest" as closer, "farthest"/
+  "furthest"/"farther" as further, "biggest", "largest", "tiniest"), and misspellings of the position
+  words (adjacent swaps, doubled or dropped letters: "rigth", "midle", "botom", "lft"). The sentence
+  keeps the words as typed. "upper"/"lower" are not variants: with the spec's tie rule they would
+  turn "upper left" into the vertical class, whose prior is off by default;
+- a colour used as a noun ("guy in white") describes the target's clothes, not another object;
+- an expression naming only clothes ("blue shirt", "striped shirt on left") refers to the person
+  wearing them: the noun phrase becomes "person wearing blue shirt" (unless an owner is named,
+  "man 's hat"); "white shirt guy" names the wearer and is left as it is;
+- a corner ("top left donut") has two keywords on one head: the spec's tie rule gives the first
+  ("up"); after the noun ("donut top left") the tree usually hangs "top" off "left" and "left" off
+  the noun, so "left" wins. The method has one direction class; this follows the spec's rule.
+
 `StanzaParser` gets the tree from stanza's English model (tokenize, pos, lemma, depparse).
 `RuleParser` needs no model: a tokenizer, a closed-class lexicon and attachment heuristics build
 an approximate tree. It is right on the short noun-phrase expressions of RefCOCO-style data (a
-head noun, adjectives, prepositional phrases, participles, copulas) and weaker on long clauses,
-coordination and unusual word order; which parser ran is logged and stored in the result.
+head noun, adjectives, prepositional phrases, participles, copulas, terse word order; see
+tests/test_parsing_terse.py) and weaker on long clauses, coordination and unusual word order; which
+parser ran is logged and stored in the result.
 """
 from __future__ import annotations
 
@@ -52,6 +74,50 @@ DIRECTION_KEYWORDS = {
 NULL_WORDS = {"part", "image", "side", "picture", "half", "region", "section", "photo"}
 # Phrases headed by these are not "other objects" (the reference's RELATION_WORDS).
 RELATION_WORDS = set().union(*RELATION_KEYWORDS.values()) | {"who", "what", "which", "middle"}
+# Words that only say where the object is: never the target, never another object (a choice: the
+# reference leaves phrases such as "the bottom" or "the corner" among the other objects).
+PLACE_WORDS = RELATION_WORDS | set().union(*DIRECTION_KEYWORDS.values()) | {
+    "center", "centre", "corner", "edge", "end", "row", "foreground", "background"}
+# A colour as a noun ("guy in white") describes the target's clothes, not another object.
+COLOUR_WORDS = {"red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
+                "grey", "tan", "beige", "maroon", "navy", "teal", "gold", "silver"}
+# An expression naming only clothes ("blue shirt") refers to the person wearing them.
+CLOTHING_WORDS = {"shirt", "shirts", "tshirt", "t-shirt", "jacket", "coat", "dress", "sweater", "hoodie", "jersey",
+                  "pants", "jeans", "shorts", "skirt", "uniform", "suit", "vest", "blouse", "sweatshirt", "hat",
+                  "cap", "helmet", "scarf", "outfit", "apron", "tie", "sleeves", "sunglasses", "beanie"}
+WEARER = "person wearing"
+
+
+def _misspellings(word: str) -> set[str]:
+    """Adjacent swaps and doubled letters (4+ letters), dropped letters (5+ letters) of a keyword."""
+    out = set()
+    if len(word) >= 4:
+        out |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}
+        out |= {word[:i] + word[i] + word[i:] for i in range(len(word))}
+    if len(word) >= 5:
+        out |= {word[:i] + word[i + 1:] for i in range(len(word))}
+    return out - {word}
+
+
+# Forms that count as one of the listed keywords (a choice; the spec's lists are ReCLIP's): "-most"
+# forms, superlatives of listed comparatives, and the misspellings crowd-written expressions carry.
+KEYWORD_FORMS = {
+    **{m: w for w in ("left", "right", "middle", "bottom", "front", "behind", "above", "below", "under", "between")
+       for m in _misspellings(w)},
+    "lft": "left", "lef": "left", "rite": "right", "buttom": "bottom", "bottem": "bottom", "behing": "behind",
+    "inbetween": "between",
+    **{f"{w}{sep}most": w for w in ("left", "right", "top", "bottom", "front", "back") for sep in ("", "-")},
+    "closest": "closer", "nearest": "closer", "nearer": "closer", "furthest": "further", "farthest": "further",
+    "farther": "further", "biggest": "bigger", "largest": "larger", "tiniest": "tinier",
+}
+for _real_word in ("font", "blow"):  # misspelling patterns that are words of their own
+    KEYWORD_FORMS.pop(_real_word)
+
+
+def keyword_form(word: str) -> str:
+    """The keyword a word stands for ("rightmost" -> "right", "rigth" -> "right"), else the word."""
+    return KEYWORD_FORMS.get(word, word)
+
 
 NP_LEFT_DEPRELS = {"det", "amod", "compound", "nummod", "nmod:poss", "flat", "det:poss"}
 SUBJECT_DEPRELS = {"nsubj", "nsubj:pass"}
@@ -118,18 +184,40 @@ def _subtree(words: Sequence[Word], i: int) -> set[int]:
     return out
 
 
+def _is_place(word: Word) -> bool:
+    return keyword_form(word.text) in PLACE_WORDS
+
+
+def _is_null(word: Word) -> bool:
+    return keyword_form(word.text) in NULL_WORDS
+
+
+def _names_object(word: Word) -> bool:
+    """A noun that can be the target: not a place ("left", "top"), not a null word ("side")."""
+    return not _is_place(word) and not _is_null(word)
+
+
+def _splits_off(words: Sequence[Word], i: int) -> bool:
+    """A noun modifying a place or null noun heads its own phrase ("person" in "person far right")."""
+    head = words[words[i].head]
+    return _names_object(words[i]) and (_is_place(head) or _is_null(head))
+
+
 def noun_phrases(words: Sequence[Word]) -> dict[int, tuple[int, int]]:
     """Head index -> [start, end) span of its noun phrase, for every noun heading one."""
     spans = {}
     for i, w in enumerate(words):
         if not _is_noun(w):
             continue
-        if w.deprel in NP_LEFT_DEPRELS and w.head > i and _is_noun(words[w.head]):
+        if w.deprel in NP_LEFT_DEPRELS and w.head > i and _is_noun(words[w.head]) and not _splits_off(words, i):
             continue  # "teddy" in "teddy bear", "man" in "man 's hat": inside another noun's phrase
-        start = i
-        for j in _children(words, i):
-            if j < i and words[j].deprel in NP_LEFT_DEPRELS:
+        start, left = i, [j for j in _children(words, i) if j < i and words[j].deprel in NP_LEFT_DEPRELS]
+        for j in left:
+            if not (_is_noun(words[j]) and _splits_off(words, j)):
                 start = min(start, min(k for k in _subtree(words, j) if k <= i))
+        for j in left:  # a split-off noun and what hangs off it stay out of this phrase
+            if _is_noun(words[j]) and _splits_off(words, j) and j >= start:
+                start = max(start, max(k for k in _subtree(words, j) if k < i) + 1)
         spans[i] = (start, i + 1)
     return spans
 
@@ -138,7 +226,7 @@ def _earliest_head(words: Sequence[Word], classes: dict[str, set[str]]) -> str:
     best, best_head = "none", len(words) + 1
     for w in words:
         for name, keywords in classes.items():
-            if w.text in keywords and w.head < best_head:
+            if keyword_form(w.text) in keywords and w.head < best_head:
                 best, best_head = name, w.head
                 break
     return best
@@ -154,19 +242,22 @@ def analyze(words: Sequence[Word], parser: str) -> ParsedExpression:
     root = next(i for i, w in enumerate(words) if w.head == i)
 
     target = None
-    if root in spans and words[root].text not in RELATION_WORDS | NULL_WORDS:
+    if root in spans and _names_object(words[root]):
         target = root
     else:
-        kids = _children(words, root)
-        subjects = [j for j in kids if words[j].deprel in SUBJECT_DEPRELS and j in spans]
-        nouns = [j for j in kids if j in spans]
-        target = (subjects or nouns or [None])[0]
+        kids = [j for j in _children(words, root) if j in spans and _names_object(words[j])]
+        subjects = [j for j in kids if words[j].deprel in SUBJECT_DEPRELS]
+        target = (subjects or kids or [None])[0]
     noun_phrase = text(spans[target]) if target is not None else sentence
 
-    others = [i for i in sorted(spans) if text(spans[i]) != noun_phrase and words[i].text not in RELATION_WORDS]
+    others = [i for i in sorted(spans) if text(spans[i]) != noun_phrase and not _is_place(words[i])
+              and words[i].text not in COLOUR_WORDS]
     relation = _earliest_head(words, RELATION_KEYWORDS)
-    if any(words[i].text in NULL_WORDS for i in others):
+    if any(_is_null(words[i]) for i in others):
         relation = "none"
+    if target is not None and words[target].text in CLOTHING_WORDS and not any(
+            words[j].deprel in ("nmod:poss", "det:poss") for j in _children(words, target)):
+        noun_phrase = f"{WEARER} {noun_phrase}"
     return ParsedExpression(sentence, noun_phrase, tuple(text(spans[i]) for i in others), relation,
                             _earliest_head(words, DIRECTION_KEYWORDS), parser)
 
@@ -227,7 +318,8 @@ class StanzaParser:
 
 # -- rules ----------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"n't|'s|'re|'m|'ll|'ve|'d|\d+(?:\.\d+)?|[^\W\d_]+(?:-[^\W\d_]+)*|[^\w\s]", re.UNICODE)
+_TOKEN = re.compile(r"n't|'s|'re|'m|'ll|'ve|'d|\d+(?:st|nd|rd|th)\b|\d+(?:\.\d+)?|[^\W\d_]+(?:-[^\W\d_]+)*|[^\w\s]",
+                    re.UNICODE)  # "2nd" stays one token, as stanza keeps it
 _DET = {"the", "a", "an", "this", "that", "these", "those", "his", "her", "its", "their", "my", "your",
         "our", "some", "any", "each", "every", "another", "both", "all", "no"}
 _ADP = {"on", "in", "at", "of", "to", "from", "with", "by", "near", "next", "behind", "above", "below",
@@ -271,6 +363,7 @@ _ING_NOUNS = {"thing", "something", "nothing", "anything", "building", "ceiling"
               "stuffing", "topping", "dressing", "railing", "awning", "pudding", "sing", "swing", "sling",
               "ding", "ping", "bring", "sibling", "seedling", "dumpling", "wedding", "bedding", "ping-pong"}
 _NOUNY_ADJ = {"left", "right", "middle", "top", "bottom", "front", "back", "center", "half"}
+_ORDINAL = re.compile(r"\d+(?:st|nd|rd|th)|first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth")
 
 
 def tokenize(expression: str) -> list[str]:
@@ -283,7 +376,7 @@ def tokenize(expression: str) -> list[str]:
 def _tag(tokens: list[str]) -> list[str]:
     """A universal POS tag per token from the lexicon and word shape; unknown words are nouns."""
     tags = []
-    for t in tokens:
+    for t in map(keyword_form, tokens):  # a misspelt keyword is tagged as the keyword
         if not any(c.isalnum() for c in t):
             tags.append("PUNCT")
         elif t == "one":
@@ -298,18 +391,20 @@ def _tag(tokens: list[str]) -> list[str]:
             tags.append("PRON")
         elif t in _ADP:
             tags.append("ADP")
+        elif _ORDINAL.fullmatch(t):
+            tags.append("ADJ")
         elif t in _NUM or t[0].isdigit():
             tags.append("NUM")
         elif t in _VERBS or (t.endswith("ing") and len(t) > 5 and t not in _ING_NOUNS):
             tags.append("VERB")
-        elif t in _ADJ or t.endswith("est") and len(t) > 5:
+        elif t in _ADJ or t.endswith("est") and len(t) > 5 or t.endswith("most") and len(t) > 4 and t != "almost":
             tags.append("ADJ")
         elif t in _ADV or (t.endswith("ly") and len(t) > 4):
             tags.append("ADV")
         else:
             tags.append("NOUN")
     # words that are adjectives before a noun and nouns elsewhere ("left guy" / "on the left")
-    for i, t in enumerate(tokens):
+    for i, t in enumerate(map(keyword_form, tokens)):
         if tags[i] == "ADJ" and t in _NOUNY_ADJ:
             nxt = next((tags[j] for j in range(i + 1, len(tokens)) if tags[j] != "ADJ"), None)
             tags[i] = "ADJ" if nxt in ("NOUN", "PRON") and tokens[i + 1] != "of" else "NOUN"
@@ -339,6 +434,12 @@ def _rule_tree(tokens: list[str]) -> list[Word]:
                     break
                 j += 1
             nouns = [k for k in range(i, j) if tags[k] == "NOUN" or (tags[k] == "PRON" and tokens[k] == "one")]
+            # a place after an object noun is its own phrase: "person | far right", "chair | bottom left"
+            objects = [k for k in nouns if keyword_form(tokens[k]) not in PLACE_WORDS]
+            place = next((k for k in range(i, j) if keyword_form(tokens[k]) in PLACE_WORDS
+                          and objects and objects[0] < k), None)
+            if place is not None:
+                nouns = [k for k in objects if k < place][-1:]
             if nouns:
                 end = nouns[-1] + 1
                 chunks.append((i, end, nouns[-1]))
@@ -361,6 +462,8 @@ def _rule_tree(tokens: list[str]) -> list[Word]:
         for k in range(start, end):  # "the man 's hat": the possessor is a modifier of the last head
             if tokens[k] == "'s" and k > start and chunk_of[k - 1] == chunk_of[k]:
                 deprels[k - 1] = "nmod:poss"
+            if tags[k] == "ADV" and k + 1 < head and tags[k + 1] in ("ADJ", "NOUN"):
+                heads[k] = k + 1  # "very" in "very left chair" modifies "left"
 
     # the root: the first chunk, unless a copula makes the predicate after it the root
     first = chunks[0][2] if chunks else 0
