@@ -1,4 +1,4 @@
-"""Command line: `python -m hybridgl segment IMAGE "expression" --out mask.png` (and `evaluate`)."""
+"""Command line: `python -m hybridgl segment IMAGE "expression" --out mask.png` (and `parse`, `evaluate`)."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parse(args: argparse.Namespace) -> int:
+    """Print how each expression is parsed: what CLIP encodes and which spatial guidance it gets."""
+    from .parsing import make_parser
+
+    try:
+        parser = make_parser(args.parser)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc
+    for expression in args.expression:
+        if not expression.strip():
+            raise UsageError("empty expression")
+        parsed = parser(expression)
+        if args.json:
+            print(json.dumps({"expression": expression, **parsed.to_dict()}))
+            continue
+        print(f"{expression!r} (parser: {parsed.parser})")
+        for label, value in (("sentence", parsed.sentence), ("noun phrase", parsed.noun_phrase),
+                             ("other nouns", " | ".join(parsed.other_nouns) or "-"),
+                             ("relation", parsed.relation), ("direction", parsed.direction)):
+            print(f"  {label:<12} {value}")
+        if args.tree:
+            words = parser.tree(expression)
+            for i, w in enumerate(words):
+                print(f"  {i + 1:>3} {w.text:<14} {w.upos:<6} {0 if w.head == i else w.head + 1:<4} {w.deprel}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybridgl", description="HybridGL referring segmentation")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
@@ -128,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--runner-ups", type=int, default=2, help="runner-up proposals outlined in the overlay")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
+
+    pa = sub.add_parser("parse", help="show how expressions are parsed (noun phrase, relation, direction)")
+    pa.add_argument("expression", nargs="+")
+    pa.add_argument("--parser", default=os.environ.get("HYBRIDGL_PARSER", "auto"),
+                    choices=["auto", "stanza", "rules"], help="expression parser (default auto)")
+    pa.add_argument("--json", action="store_true", help="one JSON object per expression")
+    pa.add_argument("--tree", action="store_true", help="also print the dependency tree the parse was read from")
+    pa.set_defaults(func=cmd_parse)
 
     try:
         from .evaluation import cli as evaluation_cli

@@ -310,6 +310,9 @@ class StanzaParser:
     def parse_document(self, document) -> ParsedExpression:
         return analyze(words_from_stanza(document), self.name)
 
+    def tree(self, expression: str) -> list[Word]:
+        return words_from_stanza(self.pipeline(expression.lower()))
+
     def __call__(self, expression: str) -> ParsedExpression:
         if not expression or not expression.strip():
             raise ValueError("empty expression")

@@ -422,6 +422,17 @@ def test_a_corner_after_the_noun_takes_its_direction_from_the_tree():
         ("chair", (), "left", "down")
 
 
+def test_stanza_parser_shows_the_tree_it_reads():
+    seen = []
+    spec = BY_TEXT["person far right"][2]
+    parser = StanzaParser(pipeline=lambda text: seen.append(text) or document(tree(spec)))
+    words = parser.tree("Person far RIGHT")
+    assert seen == ["person far right"]
+    assert [(w.text, w.upos, w.head, w.deprel) for w in words] == \
+        [("person", "NOUN", 0, "root"), ("far", "ADV", 2, "advmod"), ("right", "ADV", 0, "advmod")]
+    assert parser("Person far RIGHT").noun_phrase == "person"
+
+
 def test_keyword_forms():
     assert keyword_form("rightmost") == keyword_form("right-most") == keyword_form("rigth") == "right"
     assert keyword_form("closest") == "closer" and keyword_form("farthest") == "further"
