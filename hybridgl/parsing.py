@@ -128,7 +128,7 @@ class ParsedExpression:
     """What the method needs from an expression.
 
     sentence: lower-cased, tokenized, tokens re-joined by single spaces (this is CLIP-encoded).
-    noun_phrase: the phrase naming the referred object.
+    noun_phrase: the phrase naming the referred object ("person wearing blue shirt" for "blue shirt").
     other_nouns: every other noun phrase, in sentence order (relation-word heads left out).
     relation: one of RELATIONS; direction: one of DIRECTIONS.
     parser: which parser produced it ("stanza", "rules", or "given" when passed in by a caller).
