@@ -130,6 +130,19 @@ def test_label_studio_retrieves_our_predictions(stack, library):
     assert (failed["result"], failed["score"], failed["model_version"]) == ([], 0.0, health["model_version"])
     assert ls.api("GET", f"/api/tasks/{task_ids[0]}")["total_predictions"] == 1
 
+    # Connect Model made the project's version the model's title, which no prediction carries: Label
+    # Studio's Data Manager has no score; the one setting of docs/review.md (the project's version =
+    # the backend's, as Settings -> Annotation saves it) fills it with each task's score, failures 0
+    def dm_scores():
+        return {t["id"]: t["predictions_score"]
+                for t in ls.api("GET", f"/api/tasks?project={project}&fields=all&page_size=100")["tasks"]}
+
+    assert ls.api("GET", f"/api/projects/{project}")["model_version"] == "hybridgl"
+    assert set(dm_scores().values()) == {None}
+    ls.api("PATCH", f"/api/projects/{project}", {"model_version": health["model_version"]})
+    assert dm_scores() == pytest.approx({t: predictions[t][0]["score"] for t in task_ids})
+    assert dm_scores()[task_ids[3]] == 0.0
+
     # a second retrieval adds no duplicate
     retrieve(ls, project, task_ids)
     for t in task_ids:
