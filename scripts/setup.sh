@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --dev    + test dependencies
 #   bash scripts/setup.sh --e2e    + the Label Studio used by the end-to-end tests (.venv-ls)
+#                                  and the headless Chromium of the browser test (apt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -22,5 +23,6 @@ reqs=(-r requirements.txt)
 .venv/bin/python -m pip install -q --no-deps -e .
 if [ "$e2e" = 1 ]; then
   bash tests/e2e/setup_ls.sh
+  bash tests/e2e/setup_browser.sh
 fi
 echo "setup done: .venv$([ "$e2e" = 1 ] && echo ' and .venv-ls')"
