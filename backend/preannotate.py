@@ -1,14 +1,17 @@
 """Pre-annotate a whole Label Studio project with HybridGL, outside Label Studio's 100 s request limit.
 
     python -m backend.preannotate --url http://localhost:8080 --api-key KEY --project 3 \\
-        [--batch 50] [--limit N] [--report DIR]
+        [--batch 50] [--limit N] [--report DIR] [--sampling uncertainty] [--keep-project-version]
 
 Pages through the project's tasks (label-studio-sdk), skips those already holding a prediction of
 this backend's model_version, groups the rest by image (one SAM pass per image: the backend's
 prepared-image cache serves its other expressions), runs HybridGL and posts the predictions with
 the backend's model_version through Label Studio's API, one batch at a time. A failing task
 (missing image, no expression, ...) is reported and skipped; an interrupted run loses at most one
-batch of work, and rerunning it finishes the rest without duplicates.
+batch of work, and rerunning it finishes the rest without duplicates. A task whose image or
+expression is unusable gets an empty prediction scored 0 (it sorts first for review). At the end
+the project's model_version is set to this one (and, with --sampling, its task sampling), so that
+Label Studio's score column, review queue and pre-filled masks read these predictions.
 
 Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
