@@ -9,15 +9,16 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import sys
 import time
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import quality
-from .model import HybridGLBackend
-from .settings import Settings
+from . import logsafe, quality
+from .model import HybridGLBackend, SetupError
+from .settings import Settings, SettingsError
 
 log = logging.getLogger("backend")
 
@@ -30,9 +31,14 @@ def load_backend(settings: Settings | None = None) -> HybridGLBackend:
 
     settings = settings or Settings.from_env()
     sam: Any = None if settings.sam_model.strip().lower() in ("none", "") else settings.sam_model
-    model = HybridGL.from_pretrained(clip=settings.clip_model, sam=sam, sam_checkpoint=settings.sam_checkpoint,
-                                     parser=settings.parser, device=settings.device,
-                                     config=settings.hybridgl_config())
+    try:
+        model = HybridGL.from_pretrained(clip=settings.clip_model, sam=sam, sam_checkpoint=settings.sam_checkpoint,
+                                         parser=settings.parser, device=settings.device,
+                                         config=settings.hybridgl_config())
+    except SettingsError:
+        raise
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:  # missing or broken weights: say which
+        raise SettingsError(f"the models could not be loaded: {exc}") from exc
     return HybridGLBackend(model, settings)
 
 
@@ -40,12 +46,14 @@ def configure_logging() -> None:
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("backend").setLevel(level)
+    logsafe.install()
 
 
 def create_app(backend: HybridGLBackend | None = None, settings: Settings | None = None) -> Flask:
     """The Flask app around one HybridGLBackend (loaded from the environment unless given)."""
     configure_logging()
     settings = settings or (backend.settings if backend else Settings.from_env())
+    logsafe.REDACTOR.add(settings.label_studio_api_key, settings.basic_auth_pass, settings.webhook_secret)
     started = time.time()
     if backend is None:
         log.info("loading models: %s", settings.describe())
@@ -59,6 +67,13 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
     @app.before_request
     def basic_auth():
         user, password = settings.basic_auth_user, settings.basic_auth_pass
+        if request.path == "/webhook" and settings.webhook_secret:
+            # Label Studio creates its webhook without credentials: the secret (header or query) lets it in
+            given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
+            if hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+                return None
+            if not user:
+                return jsonify({"error": "webhook secret required (X-Webhook-Secret header or ?secret=)"}), 401
         if not user:
             return None
         auth = request.authorization
@@ -84,15 +99,20 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
 
     @app.post("/setup")
     def setup():
-        payload = request.get_json(silent=True)
+        payload = _json_body()
         payload = payload if isinstance(payload, dict) else {}
-        return jsonify(backend.setup(hostname=_str(payload.get("hostname")),
-                                     access_token=_str(payload.get("access_token")),
-                                     project=payload.get("project"), schema=payload.get("schema")))
+        token = _str(payload.get("access_token"))
+        logsafe.REDACTOR.add(token)
+        try:
+            return jsonify(backend.setup(hostname=_str(payload.get("hostname")), access_token=token,
+                                         project=payload.get("project"), schema=payload.get("schema")))
+        except SetupError as exc:
+            log.warning("setup refused: %s", exc)
+            return jsonify({"error": str(exc)}), exc.status
 
     @app.post("/predict")
     def predict():
-        payload = request.get_json(silent=True)
+        payload = _json_body()
         if not isinstance(payload, dict) or not isinstance(payload.get("tasks"), list):
             return jsonify({"error": 'expected JSON {"tasks": [...], "label_config": "<View>...</View>"}'}), 400
         params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
@@ -108,7 +128,7 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
 
     @app.post("/webhook")
     def webhook():
-        payload = request.get_json(silent=True)
+        payload = _json_body()
         payload = payload if isinstance(payload, dict) else {}
         answer = backend.webhook(payload)
         if quality.concerns(payload):  # annotator corrections, scored on a background thread
@@ -129,6 +149,14 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
     return app
 
 
+def _json_body() -> Any:
+    """The request's JSON, None when it is not JSON; 400 when nested too deeply to parse."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        abort(400, "the JSON body is nested too deeply")
+
+
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
@@ -136,6 +164,10 @@ def _str(value: Any) -> str | None:
 def __getattr__(name: str):
     if name == "app":  # `gunicorn backend._wsgi:app`: built once per worker process, on first access
         global app
-        app = create_app()
+        try:
+            app = create_app()
+        except SettingsError as exc:  # one clear line; exit code 3 makes gunicorn stop, not respawn
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(3)
         return app
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """Getting a task's image: from Label Studio (uploads, local files, cloud storage), disk, or allowed hosts.
 
-Every failure is a TaskError for that task. Tokens are sent only to the Label Studio host and
-never logged.
+Every failure is a TaskError for that task. Tokens are sent only to the Label Studio origin they
+belong to and never logged; every other URL, and every redirect hop, is checked by `outbound`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .labeling import TaskError
+from .outbound import AddressPolicy, ForbiddenTarget, Target, guarded_session, parse_target
 from .settings import Settings
 
 log = logging.getLogger("backend.images")
@@ -34,6 +35,14 @@ class LabelStudioConnection:
 
     url: str | None = None
     token: str | None = None
+
+    @property
+    def origin(self) -> tuple[str, str, int] | None:
+        """(scheme, host, port) as the connection sees it; None without a (valid) URL."""
+        try:
+            return parse_target(self.url).origin if self.url else None
+        except ForbiddenTarget:
+            return None
 
     def __repr__(self) -> str:  # never show the token
         return f"LabelStudioConnection(url={self.url!r}, token={'***' if self.token else None})"
@@ -77,7 +86,8 @@ class LabelStudioAuth:
             if cached and cached[1] > time.time():
                 return {"Authorization": f"Bearer {cached[0]}"}
         try:
-            r = requests.post(f"{host}/api/token/refresh", json={"refresh": token}, timeout=self.timeout)
+            r = requests.post(f"{host}/api/token/refresh", json={"refresh": token}, timeout=self.timeout,
+                              allow_redirects=False)  # the refresh token goes to Label Studio only
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TaskError("unreachable", f"Label Studio at {host} is unreachable ({exc.__class__.__name__})") from exc
         except requests.RequestException as exc:
@@ -137,21 +147,25 @@ class ImageFetcher:
         self.settings = settings
         self.auth = LabelStudioAuth(timeout=min(10.0, settings.fetch_timeout))
         self.default = LabelStudioConnection(settings.label_studio_url, settings.label_studio_api_key)
+        self.policy = AddressPolicy.from_settings(settings.allowed_hosts, settings.allowed_networks)
+        self.checked = guarded_session(self.policy)  # every connection not to Label Studio goes through it
 
     # -- HTTP -------------------------------------------------------------------------------------
-    def _download(self, url: str, headers: dict, allow_redirects: bool = True) -> requests.Response:
-        """A streamed GET; the caller closes it. Network failures become TaskErrors."""
+    def _download(self, session, target: Target, headers: dict) -> requests.Response:
+        """One streamed GET, redirects not followed; the caller closes it. Failures become TaskErrors."""
         try:
-            return requests.get(url, headers=headers, stream=True, timeout=self.settings.fetch_timeout,
-                                allow_redirects=allow_redirects)
+            return session.get(target.url, headers=headers, stream=True, timeout=self.settings.fetch_timeout,
+                               allow_redirects=False)
+        except ForbiddenTarget as exc:  # the connection's own address check
+            raise TaskError("forbidden", str(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            host = urlparse(url).netloc
-            raise TaskError("unreachable", f"could not reach {host} for the image ({exc.__class__.__name__})") from exc
+            raise TaskError("unreachable", f"could not reach {target.host} for the image "
+                                           f"({exc.__class__.__name__})") from exc
         except requests.RequestException as exc:
             raise TaskError("fetch", f"could not download the image: {exc.__class__.__name__}") from exc
 
-    def _read(self, r: requests.Response, url: str) -> bytes:
-        shown = url.split("?")[0]
+    def _read(self, r: requests.Response, target: Target) -> bytes:
+        shown = target.shown()
         if r.status_code in (401, 403):
             raise TaskError("auth", f"the image download was refused (HTTP {r.status_code}) for {shown}: "
                                     "check the Label Studio token (LABEL_STUDIO_API_KEY or the one /setup sends)")
@@ -173,40 +187,41 @@ class ImageFetcher:
             raise TaskError("fetch", f"the image download broke off ({exc.__class__.__name__})") from exc
         return out.getvalue()
 
-    def _ls_get(self, path_or_url: str, ls: LabelStudioConnection) -> bytes:
-        """From Label Studio with its token; redirects (presigned cloud URLs) are followed, and
-        requests drops the Authorization header when a redirect leaves the Label Studio host."""
-        if not ls.url:
-            raise TaskError("no_label_studio", "the image lives in Label Studio but its URL is unknown: "
-                                               "set LABEL_STUDIO_URL (or connect the backend from Label Studio)")
-        url = path_or_url if "://" in path_or_url else ls.url + path_or_url
-        for attempt in (0, 1):
-            with self._download(url, self.auth.header(ls.url, ls.token)) as r:
-                if r.status_code == 401 and attempt == 0 and ls.token and _is_jwt(ls.token):
-                    self.auth.forget(ls.url, ls.token)  # an access token that expired early: refresh once
-                    continue
-                return self._read(r, url)
-        raise AssertionError("unreachable")
+    def _get(self, url: str, ls: LabelStudioConnection | None) -> bytes:
+        """GET an image, following up to MAX_REDIRECTS redirects by hand so that every hop is checked.
 
-    def _foreign_get(self, url: str) -> bytes:
-        """From an allow-listed host, without any token; each redirect must stay on allowed hosts."""
+        With `ls` (a Label Studio reference): hops on Label Studio's origin carry its token and are
+        trusted; hops elsewhere (presigned cloud URLs) carry no token and their addresses are checked.
+        Without `ls` (another host): every hop must be on an allowed host, at a checked address, and
+        no token is ever sent."""
+        origin = ls.origin if ls is not None else None
+        refreshed = False
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_allowed(url)
-            with self._download(url, {}, allow_redirects=False) as r:
+            try:
+                target = parse_target(url)
+                on_ls = origin is not None and target.origin == origin
+                if ls is None:
+                    self.policy.check_host(target)
+            except ForbiddenTarget as exc:
+                raise TaskError("forbidden", str(exc)) from None
+            headers = self.auth.header(ls.url, ls.token) if on_ls else {}
+            with self._download(requests if on_ls else self.checked, target, headers) as r:
                 if r.is_redirect and r.headers.get("Location"):
-                    url = urljoin(url, r.headers["Location"])
+                    url = urljoin(target.url, r.headers["Location"])
                     continue
-                return self._read(r, url)
+                if r.status_code == 401 and on_ls and not refreshed and ls.token and _is_jwt(ls.token):
+                    self.auth.forget(ls.url, ls.token)  # an access token that expired early: refresh once
+                    refreshed = True
+                    continue
+                return self._read(r, target)
         raise TaskError("fetch", f"too many redirects for {url.split('?')[0]}")
 
-    def _check_allowed(self, url: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https"):
-            raise TaskError("forbidden", f"image URL scheme {parsed.scheme!r} is not allowed")
-        allowed = self.settings.allowed_hosts
-        if "*" not in allowed and (parsed.hostname or "").lower() not in allowed:
-            raise TaskError("forbidden", f"images from {parsed.hostname} are not allowed "
-                                         "(add the host to HYBRIDGL_ALLOWED_HOSTS)")
+    def _ls_get(self, path_or_url: str, ls: LabelStudioConnection) -> bytes:
+        """From Label Studio with its token (see `_get` for where the token may go)."""
+        if not ls.url or ls.origin is None:
+            raise TaskError("no_label_studio", "the image lives in Label Studio but its URL is unknown: "
+                                               "set LABEL_STUDIO_URL (or connect the backend from Label Studio)")
+        return self._get(path_or_url if "://" in path_or_url else ls.url + path_or_url, ls)
 
     # -- references -------------------------------------------------------------------------------
     def _local_file(self, url: str) -> bytes:
@@ -214,6 +229,8 @@ class ImageFetcher:
         rel = unquote(parse_qs(urlparse(url).query).get("d", [""])[0])
         if not rel:
             raise TaskError("missing_image", "a /data/local-files/ URL without ?d=<path>")
+        if "\x00" in rel:  # the OS cannot name such a file; Path would raise ValueError
+            raise TaskError("forbidden", "local file path refused: it contains a NUL byte")
         real_root = Path(root).resolve()
         path = (real_root / rel).resolve()
         if not path.is_relative_to(real_root):
@@ -240,10 +257,14 @@ class ImageFetcher:
                 raise TaskError("fetch", "a cloud storage URI needs the task id to be presigned")
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             return self._ls_get(f"/tasks/{task_id}/presign/?fileuri={encoded}", ls)
-        if parsed.scheme in ("http", "https"):
-            if ls.url and urlparse(ls.url).netloc == parsed.netloc:
+        if parsed.scheme in ("http", "https") or "://" in url:
+            try:
+                target = parse_target(url)
+            except ForbiddenTarget as exc:
+                raise TaskError("forbidden", str(exc)) from None
+            if ls.origin is not None and target.origin == ls.origin:
                 return self._ls_get(url, ls)
-            return self._foreign_get(url)
+            return self._get(url, None)
         raise TaskError("fetch", f"unsupported image reference: {url[:80]!r}")
 
     def load(self, url: str, task_id: int | None = None,

@@ -22,6 +22,7 @@ from hybridgl import HybridGL
 from hybridgl.pipeline import PreparedView, Segmentation
 
 from .images import ImageFetcher, LabelStudioConnection, decode_image
+from .outbound import ForbiddenTarget, parse_target
 from .labeling import Hints, Interface, TaskError, parse_config, read_context, task_expression
 from .settings import Settings
 
@@ -145,24 +146,46 @@ class HybridGLBackend:
     # -- label-studio-ml 2.x surface ----------------------------------------------------------------
     def setup(self, hostname: str | None = None, access_token: str | None = None, project: Any = None,
               schema: str | None = None, **_: Any) -> dict:
-        """Remember where Label Studio is (per project); never loads anything. Returns the version."""
+        """Remember where Label Studio is (per project); never loads anything. Returns the version.
+
+        The environment's token only ever goes to LABEL_STUDIO_URL's origin. A project is bound to the
+        origin of its first /setup; another origin may take it over only with the token it was bound
+        with, or by being LABEL_STUDIO_URL's origin (SetupError otherwise)."""
+        key = project_key(project)
         with self._state_lock:
             if hostname or access_token:
-                conn = LabelStudioConnection((hostname or self.settings.label_studio_url or "").rstrip("/") or None,
-                                             access_token or self.settings.label_studio_api_key)
+                conn = self._setup_connection(hostname, access_token)
+                if key is not None:
+                    bound = self._connections.get(key)
+                    if bound is not None and bound.origin != conn.origin and bound.token != conn.token and \
+                            conn.origin != self.fetcher.default.origin:
+                        raise SetupError(409, f"project {key} is already connected to Label Studio at {bound.url}; "
+                                              "a /setup from another host needs the same token")
+                    self._connections[key] = conn
                 self._last_connection = conn
-                if project is not None:
-                    self._connections[str(project)] = conn
-            if project is not None and isinstance(schema, str) and schema.strip():
-                self._schemas[str(project)] = schema
+            if key is not None and isinstance(schema, str) and schema.strip():
+                self._schemas[key] = schema
         return {"model_version": self.model_version}
+
+    def _setup_connection(self, hostname: str | None, access_token: str | None) -> LabelStudioConnection:
+        env = self.fetcher.default
+        url = (hostname or env.url or "").rstrip("/") or None
+        if url is not None:
+            try:
+                parse_target(url)
+            except ForbiddenTarget as exc:
+                raise SetupError(400, f"hostname: {exc}") from None
+        conn = LabelStudioConnection(url, access_token)
+        if not access_token and env.origin is not None and conn.origin == env.origin:
+            conn = LabelStudioConnection(url, env.token)  # the environment's token, for its own origin only
+        return conn
 
     def predict(self, tasks: list[dict], context: dict | None = None, label_config: str | None = None,
                 project: Any = None, **_: Any) -> list[dict | list[dict]]:
         """Label Studio's /predict: one entry per task, in order (see TaskOutcome.to_label_studio)."""
-        if not (isinstance(label_config, str) and label_config.strip()) and project is not None:
+        if not (isinstance(label_config, str) and label_config.strip()) and project_key(project) is not None:
             with self._state_lock:
-                label_config = self._schemas.get(str(project))
+                label_config = self._schemas.get(project_key(project))
         try:
             if label_config is not None and not isinstance(label_config, str):
                 raise TaskError("config", "label_config must be a string of XML")
@@ -183,14 +206,18 @@ class HybridGLBackend:
 
     # -- image access -----------------------------------------------------------------------------
     def connections_for(self, project: Any = None) -> list[LabelStudioConnection]:
-        """Label Studio connections to try, in order: the project's /setup, the last /setup, the environment.
+        """Label Studio connections to try, in order: the project's /setup (a webhook's numeric project id
+        finds the `id.timestamp` one), then the environment. A request without a project, or for a
+        project no /setup named while LABEL_STUDIO_URL is unset, tries the last /setup first.
         (A /setup hostname can be unreachable from here, e.g. `localhost` seen from a container.)"""
         env = self.fetcher.default
+        key = project_key(project)
         with self._state_lock:
-            first = self._connections.get(str(project)) if project is not None else None
-            first = first or self._last_connection
+            first = self._connections.get(key) if key is not None else None
+            if first is None and (key is None or env.origin is None):
+                first = self._last_connection
         out = [c for c in (first, env) if c is not None and c.url]
-        if first is not None and env.url and first.url != env.url and not env.token:
+        if first is not None and env.url and first.origin != env.origin and not env.token:
             out[out.index(env)] = LabelStudioConnection(env.url, first.token)  # same Label Studio, its token
         unique = list(dict.fromkeys(out))
         return unique or [env]
@@ -270,8 +297,9 @@ class HybridGLBackend:
             self.counters.add("predictions.empty")
             outcome.predictions = [{"result": [], "score": 0.0, "model_version": self.model_version}]
             return
-        # the editor shows one suggestion for an interactive request; batch retrieval gets alternatives
-        k = 1 if context else (alternatives or self.settings.alternatives)
+        # the editor shows one suggestion for an interactive request (Label Studio sends a context
+        # object there, possibly empty; batch retrieval sends none); batch retrieval gets alternatives
+        k = 1 if context is not None else (alternatives or self.settings.alternatives)
         to_view = (lambda i: int(indices[i])) if indices is not None else int
         outcome.predictions = [self.prediction(view.masks[to_view(r["index"])], r["score"], interface, h, w, rank)
                                for rank, r in enumerate(seg.ranking[:k], start=1)]
@@ -354,6 +382,23 @@ def view_bytes(view: PreparedView) -> int:
     masks = view.masks.nbytes
     return int(view.image.nbytes + 2 * masks + view.features.numel() * view.features.element_size()
                + (view.tokens.numel() * view.tokens.element_size() if view.tokens is not None else 0))
+
+
+class SetupError(ValueError):
+    """A /setup the backend refuses (HTTP status, message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def project_key(project: Any) -> str | None:
+    """Label Studio names a project `id.timestamp` in /setup and /predict, and `id` in webhooks."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or isinstance(project, bool) or str(project).strip() == "":
+        return None
+    return str(project).strip().split(".")[0]
 
 
 def _task_id(task: Any) -> Any:

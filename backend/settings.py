@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .outbound import AddressPolicy, ForbiddenTarget, parse_target
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
@@ -64,6 +66,8 @@ class Settings:
     basic_auth_pass: str | None = None
     local_files_root: Path | None = None
     allowed_hosts: tuple[str, ...] = ()  # other http(s) hosts images may come from ("*": any)
+    allowed_networks: tuple[str, ...] = ()  # non-public networks those hosts may resolve to (CIDRs)
+    webhook_secret: str | None = None  # lets Label Studio's webhook in without basic auth
     cache_images: int = 16  # prepared images kept (LRU keyed by image content)
     cache_mb: int = 4096  # ... and the memory they may hold together
     max_image_bytes: int = 64 * 1024 * 1024
@@ -91,6 +95,8 @@ class Settings:
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
             local_files_root=Path(local_root) if local_root else None,
             allowed_hosts=_list("HYBRIDGL_ALLOWED_HOSTS"),
+            allowed_networks=_list("HYBRIDGL_ALLOWED_NETWORKS"),
+            webhook_secret=env("HYBRIDGL_WEBHOOK_SECRET") or None,
             cache_images=_int("HYBRIDGL_CACHE_IMAGES", 16),
             cache_mb=_int("HYBRIDGL_CACHE_MB", 4096, minimum=1),
             max_image_bytes=_int("HYBRIDGL_MAX_IMAGE_MB", 64, minimum=1) * 1024 * 1024,
@@ -99,6 +105,20 @@ class Settings:
             max_tasks=_int("HYBRIDGL_MAX_TASKS", 1000, minimum=1),
             fetch_timeout=_float("HYBRIDGL_FETCH_TIMEOUT", 30.0),
         )
+
+    def __post_init__(self):
+        # a user without a password would lock Label Studio out; a password alone would protect nothing
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (one of them is empty)")
+        try:
+            AddressPolicy.from_settings(self.allowed_hosts, self.allowed_networks)
+        except ValueError as exc:
+            raise SettingsError(f"HYBRIDGL_ALLOWED_NETWORKS: {exc}") from None
+        if self.label_studio_url:
+            try:
+                parse_target(self.label_studio_url)
+            except ForbiddenTarget as exc:
+                raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
 
     def replace(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
@@ -122,7 +142,7 @@ class Settings:
     def describe(self) -> dict[str, Any]:
         """The settings for logs: secrets masked."""
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-        for secret in ("label_studio_api_key", "basic_auth_pass"):
+        for secret in ("label_studio_api_key", "basic_auth_pass", "webhook_secret"):
             if out[secret]:
                 out[secret] = "***"
         return out

@@ -31,10 +31,15 @@ if [ "${HYBRIDGL_SKIP_DOWNLOAD:-0}" != "1" ]; then
     --clip "${HYBRIDGL_CLIP_MODEL:-openai/clip-vit-base-patch16}" "${stanza_args[@]}"
 fi
 
+# the access log shows paths without their query strings (presigned signatures, a webhook secret) and
+# no referer: %(U)s is the path alone, where gunicorn's default %(r)s is the whole request line
+access_format='%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(L)ss'
+
 worker_tmp=()
 # the worker's heartbeat file on tmpfs, not on the container's overlay filesystem
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then worker_tmp=(--worker-tmp-dir /dev/shm); fi
 
 exec "$PYTHON" -m gunicorn "backend._wsgi:app" --bind "0.0.0.0:${PORT:-9090}" \
   --workers 1 --worker-class gthread --threads "${THREADS:-8}" --timeout "${GUNICORN_TIMEOUT:-600}" \
-  --graceful-timeout 30 --access-logfile - --error-logfile - "${worker_tmp[@]}"
+  --graceful-timeout 30 --access-logfile - --access-logformat "$access_format" --error-logfile - \
+  "${worker_tmp[@]}"

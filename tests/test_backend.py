@@ -298,7 +298,12 @@ def test_foreign_hosts_need_the_allow_list(model, ls):
     _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
     (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
     assert result["kind"] == "forbidden" and "HYBRIDGL_ALLOWED_HOSTS" in result["error"]
+    # an allowed name that resolves to a loopback address needs that network allowed too
     _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, allowed_hosts=("localhost",))
+    (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
+    assert result["kind"] == "forbidden" and "HYBRIDGL_ALLOWED_NETWORKS" in result["error"]
+    _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, allowed_hosts=("localhost",),
+                       allowed_networks=("127.0.0.0/8",))
     (result,) = predict(c, [{"id": 1, "data": {"image": foreign, "text": "the cup"}}])
     assert "error" not in result
     assert not any(auth and path == "/bucket/a.png" for path, auth in ls.log)  # no token to other hosts
@@ -483,7 +488,7 @@ def test_redirects_from_allowed_hosts_must_stay_on_allowed_hosts(model):
 
     with LocalServer(Redirector) as server:
         base = server.url
-        _, c = make_client(model, allowed_hosts=("127.0.0.1",))
+        _, c = make_client(model, allowed_hosts=("127.0.0.1",))  # an address named: explicitly allowed
         same, other = predict(c, [{"id": 1, "data": {"image": base + "/here", "text": "the cup"}},
                                   {"id": 2, "data": {"image": base + "/elsewhere", "text": "the cup"}}])
         assert "error" not in same

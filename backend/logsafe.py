@@ -1,0 +1,66 @@
+"""Secrets never reach the logs: query strings (presigned-URL signatures, a webhook secret),
+Authorization values and the backend's own secrets are redacted from every record, at every level.
+
+`RedactingFilter` is installed on the process's log handlers (`install`), so it also covers records
+of other libraries (urllib3 logs request lines with their query at DEBUG, werkzeug logs every request).
+The access log of gunicorn is written without query strings in the first place (docker/start.sh).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Iterable
+
+REDACTED = "[redacted]"
+# a query string after a URL or a path: "http://h/p?sig=..", "GET /webhook?secret=.. HTTP/1.1"
+_QUERY = re.compile(r"((?:\b[a-zA-Z][a-zA-Z0-9+.-]*://|(?<![\w.])/)[^\s?#\"'<>]*)\?[^\s\"'<>]*")
+_AUTH = re.compile(r"\b(Token|Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{4,}", re.IGNORECASE)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and traceback) with secrets replaced by [redacted]."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self.add(*secrets)
+
+    def add(self, *secrets: str | None) -> None:
+        with self._lock:
+            self._secrets.update(s for s in secrets if s and len(s) >= 4)  # shorter would redact words
+
+    def redact(self, text: str) -> str:
+        text = _AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", _QUERY.sub(rf"\1?{REDACTED}", text))
+        with self._lock:
+            secrets = sorted(self._secrets, key=len, reverse=True)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logged as it stands
+            message = str(record.msg)
+        record.msg, record.args = self.redact(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+REDACTOR = RedactingFilter()  # one per process, as logging itself is
+
+
+def install(redactor: RedactingFilter = REDACTOR, loggers: Iterable[str] = ("", "gunicorn.error", "gunicorn.access",
+                                                                 "werkzeug")) -> None:
+    """Adds `redactor` to every handler of these loggers (the root's catch all propagated records)."""
+    for name in loggers:
+        for handler in logging.getLogger(name).handlers:
+            if redactor not in handler.filters:
+                handler.addFilter(redactor)

@@ -1,0 +1,409 @@
+"""Attacks on the backend, each reproduced on 127.0.0.1 with real local servers and shown refused:
+server-side request forgery (parser differentials, private and metadata addresses, redirects, DNS
+rebinding), the Label Studio token sent elsewhere through /setup, basic auth and webhooks, secrets in
+the logs, and malformed input (deep JSON, NUL bytes, interactive requests, missing weights)."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib import error, request
+
+import pytest
+
+from backend import quality
+from backend._wsgi import create_app
+from backend.model import HybridGLBackend
+from backend.outbound import AddressPolicy, ForbiddenTarget, parse_target
+from backend.settings import Settings, SettingsError
+
+from local_http import LocalServer, QuietHandler
+from test_backend import CONFIG, IMAGE_A, TOKEN, FakeLabelStudio, make_client, predict, task
+from test_quality import TOKEN as QUALITY_TOKEN, FakePredictions, box, region
+from tiny_models import tiny_hybridgl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from harness import free_port  # noqa: E402
+from serve_tiny import tiny_environment  # noqa: E402
+
+
+class Recorder(LocalServer):
+    """Answers every GET with an image (or a redirect to `redirect_to`), recording path and Authorization."""
+
+    def __init__(self, redirect_to: str | None = None):
+        self.hits: list[tuple[str, str | None]] = []
+        self.redirect_to = redirect_to
+        outer = self
+
+        class Handler(QuietHandler):
+            def do_GET(self):
+                outer.hits.append((self.path, self.headers.get("Authorization")))
+                if outer.redirect_to and not self.path.startswith("/final"):
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirect_to)
+                    self.end_headers()
+                    return
+                self.send_body(IMAGE_A)
+
+        super().__init__(Handler)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hybridgl(sam=True)
+
+
+@pytest.fixture()
+def secret():
+    server = Recorder()  # what an attacker wants to reach: an internal service on loopback
+    yield server
+    server.close()
+
+
+def image_task(i: int, url: str) -> dict:
+    return {"id": i, "data": {"image": url, "text": "the cup"}}
+
+
+# -- 1. server-side request forgery -------------------------------------------------------------------------
+def test_parser_differential_urls_are_refused_before_any_connection(model, secret):
+    """`http://A\\@B/` is host A for requests and urllib3 but B for urllib.parse: the check must see A."""
+    allowed = Recorder()
+    try:
+        port = allowed.url.rsplit(":", 1)[1]
+        hidden = secret.url.split("//")[1]  # 127.0.0.1:<port> of the internal service
+        _, c = make_client(model, allowed_hosts=("localhost",), allowed_networks=("127.0.0.0/8",))
+        urls = [f"http://{hidden}\\@localhost:{port}/a.png", f"http://{hidden}\\\\@localhost:{port}/a.png",
+                f"http://user:pw@localhost:{port}/a.png", f"http://{hidden}@localhost:{port}/a.png",
+                f"http://{hidden}\t@localhost:{port}/a.png", f"http://localhost:{port}\\@{hidden}/a.png"]
+        results = predict(c, [image_task(i, u) for i, u in enumerate(urls)])
+        for url, result in zip(urls, results):
+            assert result.get("kind") == "forbidden", (url, result)
+        assert secret.hits == [] and allowed.hits == []
+        (ok,) = predict(c, [image_task(9, f"http://localhost:{port}/a.png")])  # the legitimate URL still works
+        assert "result" in ok and allowed.hits == [("/a.png", None)]
+        # the same differential behind a redirect from an allowed host
+        allowed.redirect_to = f"http://{hidden}\\@localhost:{port}/final.png"
+        (r,) = predict(c, [image_task(10, f"http://localhost:{port}/start.png")])
+        assert r["kind"] == "forbidden" and secret.hits == []
+    finally:
+        allowed.close()
+
+
+def test_non_public_and_metadata_addresses_are_refused_even_with_a_wildcard(model, secret):
+    port = secret.url.rsplit(":", 1)[1]
+    _, c = make_client(model, allowed_hosts=("*",))
+    urls = [f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/a.png", f"http://0x7f.1:{port}/a.png",
+            f"http://2130706433:{port}/a.png", f"http://[::ffff:127.0.0.1]:{port}/a.png",
+            "http://169.254.169.254/latest/meta-data/iam/", "http://[fd00:ec2::254]/latest/meta-data/",
+            f"http://0.0.0.0:{port}/a.png"]
+    results = predict(c, [image_task(i, u) for i, u in enumerate(urls)])
+    for url, result in zip(urls, results):
+        assert result.get("kind") == "forbidden", (url, result)
+    assert "metadata" in results[5]["error"] and "metadata" in results[6]["error"]
+    assert secret.hits == []
+    # allowing every network still never includes the metadata service
+    _, c = make_client(model, allowed_hosts=("*",), allowed_networks=("0.0.0.0/0", "::/0"))
+    ok, metadata = predict(c, [image_task(1, f"http://127.0.0.1:{port}/a.png"),
+                               image_task(2, "http://169.254.169.254/latest/meta-data/")])
+    assert "result" in ok and metadata["kind"] == "forbidden" and len(secret.hits) == 1
+
+
+def test_address_policy():
+    wide = AddressPolicy.from_settings(["*"], ["0.0.0.0/0", "::/0"])
+    for address in ("169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254"):
+        with pytest.raises(ForbiddenTarget, match="metadata"):
+            wide.check_address("x", ipaddress.ip_address(address))
+    AddressPolicy.from_settings([], ["169.254.169.254"]).check_address("x", ipaddress.ip_address("169.254.169.254"))
+    strict = AddressPolicy.from_settings(["*"], [])
+    strict.check_address("x", ipaddress.ip_address("8.8.8.8"))
+    for address in ("10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.1.1", "::1", "fe80::1",
+                    "fc00::1", "224.0.0.1", "0.0.0.0"):
+        with pytest.raises(ForbiddenTarget, match="non-public"):
+            strict.check_address("x", ipaddress.ip_address(address))
+    with pytest.raises(ValueError, match="not an IP network"):
+        AddressPolicy.from_settings([], ["10.0.0.0/33"])
+    with pytest.raises(SettingsError, match="HYBRIDGL_ALLOWED_NETWORKS"):
+        Settings(allowed_networks=("nope",))
+    assert parse_target("HTTP://Ex.AMPLE.com:8080/a?b#c").origin == ("http", "ex.ample.com", 8080)
+    assert parse_target("https://[::1]/x").origin == ("https", "::1", 443)
+    for bad in ("ftp://x/y", "http://a\\@b/", "http://a@b/", "//x/y", "http:///x"):
+        with pytest.raises(ForbiddenTarget):
+            parse_target(bad)
+
+
+def test_redirects_out_of_label_studio_are_checked_and_carry_no_token(model, secret):
+    """A presign (or any Label Studio) redirect to an internal or metadata address is refused."""
+    ls = FakeLabelStudio({"a.png": IMAGE_A})
+    try:
+        handler = ls.httpd.RequestHandlerClass
+        original = handler.do_GET
+
+        def do_GET(self):  # /data/upload/x/<n>.redirect -> the address in the table
+            if self.path.endswith(".redirect"):
+                targets = {"internal": secret.url + "/final.png", "metadata": "http://169.254.169.254/latest/"}
+                self.send_response(302)
+                self.send_header("Location", targets[self.path.split("/")[-1].split(".")[0]])
+                self.end_headers()
+                return
+            original(self)
+
+        handler.do_GET = do_GET
+        _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+        internal, metadata, ok = predict(c, [task(1, "internal.redirect"), task(2, "metadata.redirect"), task(3)])
+        assert internal["kind"] == "forbidden" and "non-public" in internal["error"]
+        assert metadata["kind"] == "forbidden" and "metadata" in metadata["error"]
+        assert "result" in ok and secret.hits == []
+        # allowed explicitly (e.g. MinIO on a private network), the hop is taken, without the token
+        _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN,
+                           allowed_networks=("127.0.0.1/32",))
+        (r,) = predict(c, [task(4, "internal.redirect")])
+        assert "result" in r and secret.hits == [("/final.png", None)]
+    finally:
+        ls.close()
+
+
+def test_dns_rebinding_cannot_switch_the_address_after_the_check(model, secret, monkeypatch):
+    """A name that resolves to a public address when checked and to 127.0.0.1 afterwards: the
+    connection goes only to the address that was checked, so the internal service is never reached."""
+    port = int(secret.url.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host, *args, **kwargs):  # the attacker's DNS server, which this machine cannot run
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        address = "8.8.8.8" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, args[0] if args else port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    _, c = make_client(model, allowed_hosts=("rebind.example",), fetch_timeout=2)
+    (first,) = predict(c, [image_task(1, f"http://rebind.example:{port}/a.png")])
+    assert first["kind"] in ("unreachable", "fetch") and lookups == ["rebind.example"]  # one lookup, checked
+    (second,) = predict(c, [image_task(2, f"http://rebind.example:{port}/a.png")])
+    assert second["kind"] == "forbidden" and "127.0.0.1" in second["error"]
+    assert secret.hits == []
+
+
+# -- 2. the Label Studio token goes to Label Studio only ---------------------------------------------------
+def test_setup_cannot_send_the_environment_token_to_another_host(model):
+    ls, attacker = FakeLabelStudio({"a.png": IMAGE_A}), Recorder()
+    try:
+        for project in (None, "3.1700000000"):
+            _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+            assert c.post("/setup", json={"hostname": attacker.url, "project": project}).status_code == 200
+            (r,) = c.post("/predict", json={"tasks": [task(1)], "label_config": CONFIG,
+                                            "project": project}).get_json()["results"]
+            assert attacker.hits and all(auth is None for _, auth in attacker.hits)
+        # without LABEL_STUDIO_URL the environment's token is never sent anywhere
+        attacker.hits.clear()
+        _, c = make_client(model, label_studio_api_key=TOKEN)
+        c.post("/setup", json={"hostname": attacker.url, "project": "4.1"})
+        c.post("/predict", json={"tasks": [task(1)], "label_config": CONFIG, "project": "4.1"})
+        assert attacker.hits and all(auth is None for _, auth in attacker.hits)
+    finally:
+        ls.close()
+        attacker.close()
+
+
+def test_setup_cannot_take_over_another_projects_connection(model):
+    ls, attacker = FakeLabelStudio({"a.png": IMAGE_A}), Recorder()
+    try:
+        _, c = make_client(model)
+        assert c.post("/setup", json={"project": "3.1700000000", "hostname": ls.url, "access_token": TOKEN,
+                                      "schema": CONFIG}).status_code == 200
+        for project in ("3.1700000000", "3.1800000000", 3):
+            r = c.post("/setup", json={"project": project, "hostname": attacker.url, "access_token": "mine"})
+            assert r.status_code == 409 and "already connected" in r.get_json()["error"]
+        r = c.post("/predict", json={"tasks": [task(1)], "project": "3.1700000000"}).get_json()["results"][0]
+        assert "result" in r and attacker.hits == []
+        # the same Label Studio under another name proves itself with the token it was bound with
+        alias = ls.url.replace("127.0.0.1", "localhost")
+        assert c.post("/setup", json={"project": "3.1700000000", "hostname": alias,
+                                      "access_token": TOKEN}).status_code == 200
+        # LABEL_STUDIO_URL's origin is trusted: it takes back a project an attacker claimed first
+        _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+        c.post("/setup", json={"project": "5.1", "hostname": attacker.url, "access_token": "mine"})
+        assert c.post("/setup", json={"project": "5.1", "hostname": ls.url, "access_token": TOKEN}).status_code == 200
+        attacker.hits.clear()
+        r = c.post("/predict", json={"tasks": [task(1)], "label_config": CONFIG, "project": "5.1"})
+        assert "result" in r.get_json()["results"][0] and attacker.hits == []
+        # a hostname with user info or a backslash is refused
+        for bad in (f"http://u:p@{ls.url[7:]}", ls.url + "\\@evil"):
+            assert c.post("/setup", json={"project": "6.1", "hostname": bad}).status_code == 400
+    finally:
+        ls.close()
+        attacker.close()
+
+
+# -- 3. basic auth and webhooks ----------------------------------------------------------------------------
+def test_basic_auth_needs_both_settings():
+    for pair in ({"basic_auth_user": "ls"}, {"basic_auth_pass": "pw"}):
+        with pytest.raises(SettingsError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"):
+            Settings(**pair)
+
+
+def test_webhooks_work_with_basic_auth_through_a_secret(model, tmp_path):
+    import base64
+
+    backend = HybridGLBackend(model, Settings(basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-s3cret",
+                                              model_dir=tmp_path))
+    c = create_app(backend).test_client()
+    event = {"action": "PROJECT_UPDATED"}
+    assert c.post("/webhook", json=event).status_code == 401
+    assert c.post("/webhook", json=event, headers={"X-Webhook-Secret": "wrong"}).status_code == 401
+    assert c.post("/webhook", json=event, headers={"X-Webhook-Secret": "hook-s3cret"}).status_code == 200
+    assert c.post("/webhook?secret=hook-s3cret", json=event).status_code == 200
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert c.post("/webhook", json=event, headers=basic).status_code == 200
+    # the secret opens the webhook only
+    assert c.post("/predict?secret=hook-s3cret", json={"tasks": []}).status_code == 401
+    assert c.get("/metrics", headers={"X-Webhook-Secret": "hook-s3cret"}).status_code == 401
+    assert backend.counters.snapshot()["webhook.PROJECT_UPDATED"] == 3
+    # without basic auth, a configured secret is still required on /webhook
+    c = create_app(HybridGLBackend(model, Settings(webhook_secret="hook-s3cret", model_dir=tmp_path))).test_client()
+    assert c.post("/webhook", json=event).status_code == 401 and c.get("/health").status_code == 200
+
+
+# -- 10. malformed input ------------------------------------------------------------------------------------
+def test_deeply_nested_json_is_a_400_and_the_server_keeps_serving(model):
+    _, c = make_client(model)
+    deep = "[" * 100_000 + "]" * 100_000
+    for path in ("/predict", "/setup", "/webhook"):
+        r = c.post(path, data=deep, content_type="application/json")
+        assert r.status_code == 400 and "nested too deeply" in r.get_json()["error"], path
+    assert c.get("/health").status_code == 200
+
+
+def test_nul_byte_in_a_local_files_path_is_a_task_error(model, tmp_path):
+    (tmp_path / "a.png").write_bytes(IMAGE_A)
+    _, c = make_client(model, local_files_root=tmp_path)
+    bad, ok = predict(c, [image_task(1, "/data/local-files/?d=a.png%00.jpg"), image_task(2, "/data/local-files/?d=a.png")])
+    assert bad["kind"] == "forbidden" and "NUL" in bad["error"] and "result" in ok
+
+
+def test_webhook_numeric_project_finds_the_setup_connection(model, tmp_path):
+    backend = HybridGLBackend(model, Settings(model_dir=tmp_path))
+    server = FakePredictions({5: [{"id": 9, "model_version": backend.model_version, "score": 0.7,
+                                   "result": [region(box(0, 4, 0, 10))]}]})
+    try:
+        c = create_app(backend).test_client()
+        c.post("/setup", json={"hostname": server.url, "access_token": QUALITY_TOKEN, "project": "3.1700000000"})
+        c.post("/setup", json={"hostname": "http://127.0.0.1:9", "project": None})  # another, unreachable
+        c.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 5},
+                                 "annotation": {"id": 1, "task": 5, "result": [region(box(0, 4, 0, 10))]}})
+        assert quality.tracker_for(backend).wait(20)
+        assert c.get("/metrics").get_json()["quality"]["count"] == 1 and server.seen == ["/api/predictions?task=5"]
+    finally:
+        server.close()
+
+
+def test_interactive_request_with_an_empty_context_gets_one_prediction(model):
+    ls = FakeLabelStudio({"a.png": IMAGE_A})
+    try:
+        _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, alternatives=3)
+        (batch,) = predict(c, [task(1)])  # Retrieve Predictions: no context, the alternatives
+        assert isinstance(batch, list) and len(batch) == 3
+        (one,) = predict(c, [task(1)], context={})  # the editor's interactive call, nothing clicked yet
+        assert isinstance(one, dict) and one["score"] == batch[0]["score"]
+    finally:
+        ls.close()
+
+
+# -- processes: start-up refusals and the logs --------------------------------------------------------------
+def _run_server(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "BASIC_AUTH_", "LABEL_STUDIO_"))}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**base, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **env})
+
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "--workers", "1", "backend._wsgi:app"]
+
+
+@pytest.mark.parametrize("server", ["python -m backend", "gunicorn"])
+def test_start_refusals_are_one_clear_line(server, tmp_path):
+    args = [sys.executable, "-m", "backend", "--port", "0"] if server == "python -m backend" else GUNICORN
+    tiny = tiny_environment(tmp_path)
+    half_auth = _run_server(args, {**tiny, "BASIC_AUTH_USER": "ls"})
+    no_weights = _run_server(args, {"MODEL_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
+                                    "HF_HOME": str(tmp_path / "hf"), "HYBRIDGL_PARSER": "rules"})
+    for out, line in ((half_auth, "error: BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"),
+                      (no_weights, "error: the models could not be loaded: ")):
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and line in text and "Traceback" not in text, text[-3000:]
+        assert sum(ln.startswith("error:") for ln in text.splitlines()) == 1
+    assert "offline mode" in no_weights.stderr
+
+
+def _post(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 120):
+    data = json.dumps(body).encode() if body is not None else None
+    req = request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.mark.parametrize("server", ["docker/start.sh", "python -m backend"])
+def test_no_query_string_or_token_in_any_log(server, tmp_path):
+    """The production start (gunicorn with its access log) and the development server, at DEBUG:
+    presigned-URL signatures, a webhook secret and tokens appear in no line of their output."""
+    files = Recorder()
+    ls = FakeLabelStudio({"a.png": IMAGE_A})
+    port = free_port()
+    secrets = {"sig": "SIGNATURE0123456789", "hook": "HOOKSECRET0123456789", "setup": "SETUPTOKEN0123456789",
+               "query": "QUERYTOKEN0123456789"}
+    env = {**tiny_environment(tmp_path), "PORT": str(port), "LOG_LEVEL": "DEBUG", "THREADS": "2",
+           "HYBRIDGL_SKIP_DOWNLOAD": "1", "MODEL_DIR": str(tmp_path / "models"),
+           "HYBRIDGL_ALLOWED_HOSTS": "127.0.0.1", "HYBRIDGL_WEBHOOK_SECRET": secrets["hook"],
+           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "BASIC_AUTH_", "LABEL_STUDIO_"))}
+    args = ["bash", str(ROOT / "docker" / "start.sh")] if server == "docker/start.sh" else \
+        [sys.executable, "-m", "backend", "--port", str(port)]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True,
+                            env={**base, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")
+            try:
+                request.urlopen(url + "/health", timeout=5).close()
+                break
+            except (error.URLError, ConnectionError, OSError):
+                assert time.time() < deadline, "the backend did not start"
+                time.sleep(0.5)
+        assert _post(f"{url}/health?token={secrets['query']}")[0] == 200
+        assert _post(f"{url}/setup", {"hostname": ls.url, "access_token": secrets["setup"], "project": "1.1"})[0] == 200
+        signed = f"{files.url}/a.png?X-Amz-Signature={secrets['sig']}&X-Amz-Credential=AKIA"
+        status, body = _post(f"{url}/predict?token={secrets['query']}", {
+            "tasks": [image_task(1, signed), image_task(2, f"{files.url}/missing.png?sig={secrets['sig']}"),
+                      task(3)], "label_config": CONFIG, "project": "2.1"})
+        assert status == 200 and len(json.loads(body)["results"]) == 3
+        assert _post(f"{url}/webhook?secret={secrets['hook']}", {"action": "PROJECT_UPDATED"})[0] == 200
+        assert files.hits  # the signed URL was really fetched
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        log.close()
+        files.close()
+        ls.close()
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert "/predict" in text and "/webhook" in text and "DEBUG" in text  # the requests were logged
+    for secret in (*secrets.values(), TOKEN):
+        assert secret not in text, [line for line in text.splitlines() if secret in line]
