@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import OrderedDict
 from typing import Iterable
 
 REDACTED = "[redacted]"
@@ -21,15 +22,21 @@ _AUTH = re.compile(r"\b(Token|Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{4,}", re.IGNORE
 class RedactingFilter(logging.Filter):
     """Rewrites each record's message (and traceback) with secrets replaced by [redacted]."""
 
-    def __init__(self, secrets: Iterable[str] = ()):
+    def __init__(self, secrets: Iterable[str] = (), keep: int = 256):
         super().__init__()
         self._lock = threading.Lock()
-        self._secrets: set[str] = set()
+        self._secrets: OrderedDict[str, None] = OrderedDict()
+        self.keep = keep  # /setup tokens are added per request: the most recent ones are kept
         self.add(*secrets)
 
     def add(self, *secrets: str | None) -> None:
         with self._lock:
-            self._secrets.update(s for s in secrets if s and len(s) >= 4)  # shorter would redact words
+            for secret in secrets:
+                if secret and len(secret) >= 4:  # shorter would redact ordinary words
+                    self._secrets[secret] = None
+                    self._secrets.move_to_end(secret)
+            while len(self._secrets) > self.keep:
+                self._secrets.popitem(last=False)
 
     def redact(self, text: str) -> str:
         text = _AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", _QUERY.sub(rf"\1?{REDACTED}", text))
