@@ -221,7 +221,7 @@ class ImageFetcher:
         if not ls.url or ls.origin is None:
             raise TaskError("no_label_studio", "the image lives in Label Studio but its URL is unknown: "
                                                "set LABEL_STUDIO_URL (or connect the backend from Label Studio)")
-        return self._get(path_or_url if "://" in path_or_url else ls.url + path_or_url, ls)
+        return self._get(ls.url + path_or_url if path_or_url.startswith("/") else path_or_url, ls)
 
     # -- references -------------------------------------------------------------------------------
     def _local_file(self, url: str) -> bytes:
