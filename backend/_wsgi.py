@@ -123,7 +123,7 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
                                   project=payload.get("project"))
         backend.counters.add("requests.predict")
         log.info("predict: %d tasks in %.2f s%s", len(results), time.time() - started,
-                 " (interactive)" if context else "")
+                 " (interactive)" if context is not None else "")
         return jsonify({"results": results, "model_version": backend.model_version})
 
     @app.post("/webhook")

@@ -262,7 +262,7 @@ class HybridGLBackend:
             self.counters.add("tasks.ok")
         except TaskError as exc:
             outcome.error = exc
-            outcome.predictions = [self.failure_prediction(exc)] if exc.kind in TASK_FAILURES and not context else []
+            outcome.predictions = [self.failure_prediction(exc)] if exc.kind in TASK_FAILURES and context is None else []
             self.counters.add(f"errors.{exc.kind}")
             log.warning("task %s: %s: %s", task_id, exc.kind, exc)
         except Exception as exc:  # a bug or an unexpected input must not fail the batch
