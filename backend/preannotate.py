@@ -2,6 +2,7 @@
 
     python -m backend.preannotate --url http://localhost:8080 --api-key KEY --project 3 \\
         [--batch 50] [--limit N] [--report DIR] [--sampling uncertainty] [--keep-project-version]
+        [--unreviewed]
 
 Pages through the project's tasks (label-studio-sdk), skips those already holding a prediction of
 this backend's model_version, groups the rest by image (one SAM pass per image: the backend's
@@ -17,7 +18,9 @@ Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVI
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
 
 --report DIR writes scores.csv (our tasks by ascending score, with the margin to the runner-up)
-and score_histogram.png, to review the least confident predictions first.
+and score_histogram.png, to review the least confident predictions first. --unreviewed leaves
+every task a person has annotated alone: after `python -m hybridgl tune`, the tuned model (a new
+model_version) re-predicts only what nobody has reviewed yet.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ class Summary:
     done: int = 0  # tasks that got predictions in this run
     predictions: int = 0  # predictions posted in this run
     skipped: int = 0  # tasks that already held a prediction of this model_version
+    reviewed: int = 0  # tasks left alone because a person annotated them (--unreviewed)
     failed: dict[int, str] = field(default_factory=dict)  # task id -> "kind: message"
     not_reached: int = 0  # left for a later run (--limit, interruption)
     prepared_images: int = 0  # SAM passes (distinct images computed)
@@ -70,7 +74,8 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         kinds = Counter(reason.split(":", 1)[0] for reason in self.failed.values())
         return {"model_version": self.model_version, "total": self.total, "done": self.done,
-                "predictions": self.predictions, "skipped": self.skipped, "failed": len(self.failed),
+                "predictions": self.predictions, "skipped": self.skipped, "reviewed": self.reviewed,
+                "failed": len(self.failed),
                 "failed_by_kind": dict(kinds), "failures": {str(k): v for k, v in self.failed.items()},
                 "not_reached": self.not_reached, "prepared_images": self.prepared_images,
                 "interrupted": self.interrupted,
@@ -166,10 +171,18 @@ def group_by_image(tasks: Sequence[dict], interface: Interface) -> list[dict]:
     return [t for group in groups.values() for t in group]
 
 
+def is_reviewed(task: dict) -> bool:
+    """A person has submitted an annotation (not a skip) for the task."""
+    annotations = [_as_dict(a) for a in task.get("annotations") or []]
+    return any(not a.get("was_cancelled") for a in annotations) or bool(task.get("total_annotations"))
+
+
 def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
-        progress: bool = True, out=sys.stdout, set_version: bool = True, sampling: str | None = None) -> Summary:
+        progress: bool = True, out=sys.stdout, set_version: bool = True, sampling: str | None = None,
+        unreviewed: bool = False) -> Summary:
     """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client),
-    then make it ready for review (see `ready_for_review`; set_version=False leaves its version alone)."""
+    then make it ready for review (see `ready_for_review`; set_version=False leaves its version alone).
+    unreviewed: leave the tasks a person annotated alone (re-predicting after `hybridgl tune`)."""
     from tqdm import tqdm
 
     started = time.time()
@@ -179,13 +192,16 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     # only what the run needs is kept: not the predictions' and annotations' masks (memory)
     tasks = [{"id": t.get("id"), "data": t.get("data"),
               "predictions": [{"model_version": _as_dict(p).get("model_version"), "score": _as_dict(p).get("score")}
-                              for p in t.get("predictions") or []]}
+                              for p in t.get("predictions") or []],
+              "reviewed": is_reviewed(t)}
              for t in iter_tasks(ls, project, max(batch, 1))]
     summary.total = len(tasks)
     rows: dict[int, Row] = {}
     todo = []
     for task in tasks:
-        if has_prediction(task, backend.model_version):
+        if unreviewed and task["reviewed"]:
+            summary.reviewed += 1
+        elif has_prediction(task, backend.model_version):
             summary.skipped += 1
             data = task.get("data") or {}
             rows[task["id"]] = Row(task["id"], str(data.get(interface.image_field, "")),
@@ -198,7 +214,8 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         summary.not_reached = max(len(todo) - limit, 0)
         todo = todo[:limit]
     print(f"project {project}: {summary.total} tasks, {summary.skipped} already pre-annotated by "
-          f"{backend.model_version}, {len(todo)} to do over {len({_image_key(t, interface) for t in todo})} "
+          f"{backend.model_version}, " + (f"{summary.reviewed} reviewed left alone, " if unreviewed else "")
+          + f"{len(todo)} to do over {len({_image_key(t, interface) for t in todo})} "
           "images", file=out, flush=True)
     connections = backend.connections_for()
     bar = tqdm(total=len(todo), unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -293,6 +310,7 @@ def print_summary(summary: Summary, out) -> None:
     print(f"done: {summary.done} tasks ({summary.predictions} predictions, model_version "
           f"{summary.model_version}) in {summary.seconds:.1f} s; skipped (already pre-annotated): "
           f"{summary.skipped}; failed: {len(summary.failed)}"
+          + (f"; reviewed, left alone: {summary.reviewed}" if summary.reviewed else "")
           + (f"; not reached: {summary.not_reached}" if summary.not_reached else "")
           + (" (interrupted)" if summary.interrupted else ""), file=out)
     for task_id, reason in sorted(summary.failed.items()):
@@ -363,6 +381,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--sampling", choices=sorted(SAMPLING), default=None,
                     help="also set the project's task sampling; 'uncertainty': Label All Tasks serves the "
                          "unlabeled task with the lowest score first")
+    ap.add_argument("--unreviewed", action="store_true",
+                    help="only tasks no person has annotated yet (re-predicting after `hybridgl tune`)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     args = ap.parse_args(argv)
@@ -412,7 +432,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
             backend.fetcher = ImageFetcher(settings)
         summary = run(backend, ls, args.project, batch=args.batch, limit=args.limit, report=args.report,
                       progress=not args.no_progress, set_version=not args.keep_project_version,
-                      sampling=args.sampling)
+                      sampling=args.sampling, unreviewed=args.unreviewed)
     except TaskError as exc:
         print(f"error: project {args.project}: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Command line: `python -m hybridgl segment IMAGE "expression" --out mask.png` (and `parse`, `evaluate`)."""
+"""Command line: `python -m hybridgl segment IMAGE "expression" --out mask.png` (and `parse`, `evaluate`, `tune`)."""
 from __future__ import annotations
 
 import argparse
@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         ev = sub.add_parser("evaluate", help="oIoU / mIoU on RefCOCO(+/g), PhraseCut or a Label Studio export")
         evaluation_cli.add_arguments(ev)
         ev.set_defaults(func=evaluation_cli.main)
+        from .tuning import cli as tuning_cli
+
+        tune = sub.add_parser("tune", help="tune the re-scorable parameters and calibrate the score on reviewed tasks")
+        tuning_cli.add_arguments(tune)
+        tune.set_defaults(func=tuning_cli.main)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),

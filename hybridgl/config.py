@@ -73,6 +73,11 @@ class HybridGLConfig:
     # The reported confidence: softmax(F / score_temperature) share of the chosen candidate.
     score_temperature: float = 0.1
 
+    # Calibration of that score (fitted by `python -m hybridgl tune`, hybridgl/calibration.py):
+    # P(IoU >= 0.5) = sigmoid(coef[0] + sum_k coef[k+1] * feature_k). Empty: the score as above.
+    calibration_features: tuple[str, ...] = ()
+    calibration_coef: tuple[float, ...] = ()
+
     def __post_init__(self) -> None:
         if self.fusion_mode not in FUSION_MODES:
             raise ValueError(f"fusion_mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
@@ -91,8 +96,13 @@ class HybridGLConfig:
             raise ValueError("score_temperature must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must lie in [0, 1]")
-        for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std"):
+        for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std", "calibration_coef"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        object.__setattr__(self, "calibration_features", tuple(str(v) for v in self.calibration_features))
+        if self.calibration_features or self.calibration_coef:
+            from .calibration import check_calibration  # noqa: PLC0415 - the feature names live there
+
+            check_calibration(self.calibration_features, self.calibration_coef)
 
     def replace(self, **changes: Any) -> "HybridGLConfig":
         return dataclasses.replace(self, **changes)

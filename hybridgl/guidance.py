@@ -80,19 +80,31 @@ def black_level(relation: str, config: HybridGLConfig) -> float:
     return {"big": config.black_big, "small": config.black_small}.get(relation, config.black)
 
 
-def guidance_score(guided: torch.Tensor, masks: torch.Tensor, black: float) -> torch.Tensor:
-    """G_i = (2 - b) * mean of A' inside mask i - b * mean of A' outside it: float32 [N].
+def inside_outside_means(guided: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of A' inside and outside each mask: two float64 [N].
 
-    A mask with no outside (the whole image) gets 0 for its outside term; an empty mask 0 inside.
+    A mask with no outside (the whole image) gets 0 for its outside mean; an empty mask 0 inside.
     """
     guided = guided.double()  # float64 sums: the outside mean is a difference of two large sums
     total = guided.sum()
     count = guided.numel()
-    scores = []
+    means_in, means_out = [], []
     for m in masks:
         inside = guided[m].sum()
         n_in = int(m.sum())
-        mean_in = inside / n_in if n_in else guided.new_zeros(())
-        mean_out = (total - inside) / (count - n_in) if n_in < count else guided.new_zeros(())
-        scores.append((2 - black) * mean_in - black * mean_out)
-    return torch.stack(scores).float() if scores else guided.new_zeros(0).float()
+        means_in.append(inside / n_in if n_in else guided.new_zeros(()))
+        means_out.append((total - inside) / (count - n_in) if n_in < count else guided.new_zeros(()))
+    if not means_in:
+        return guided.new_zeros(0), guided.new_zeros(0)
+    return torch.stack(means_in), torch.stack(means_out)
+
+
+def guidance_from_means(mean_in: torch.Tensor, mean_out: torch.Tensor, black: float) -> torch.Tensor:
+    """G_i = (2 - b) * mean_in_i - b * mean_out_i: float64 means -> float32 [N]. Linear in b, so
+    re-scoring with another b needs only the two means (hybridgl.tuning)."""
+    return ((2 - black) * mean_in - black * mean_out).float()
+
+
+def guidance_score(guided: torch.Tensor, masks: torch.Tensor, black: float) -> torch.Tensor:
+    """G_i = (2 - b) * mean of A' inside mask i - b * mean of A' outside it: float32 [N]."""
+    return guidance_from_means(*inside_outside_means(guided, masks), black)

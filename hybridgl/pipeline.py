@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from . import guidance, scoring
+from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
@@ -122,6 +122,9 @@ class Segmentation:
     score: confidence in [0, 1], the chosen candidate's share of softmax(F / score_temperature)
       over the k1 candidates (F = the fused final scores of Eq. 9). It is low (towards 1/k1)
       when the top candidates are nearly tied, i.e. the choice was uncertain, and 0 without proposals.
+      With a calibration in the config (`hybridgl tune`), the candidates' scores are instead the
+      fitted probability that the mask is right (hybridgl/calibration.py); explain["score_raw"]
+      keeps the shares.
     hybrid_index: argmax of the semantic score alone (the "hybrid features only" prediction).
     ranking: [{"index", "score", "semantic", "final"}] best first: the candidates by F, then the
       remaining proposals by semantic probability p (with score 0: they were never candidates).
@@ -299,6 +302,11 @@ class HybridGL:
         order = np.argsort(-F_, kind="stable")
         chosen = int(I[order[0]])
         shares = scoring.confidence(F_, cfg.score_temperature)
+        explain["score_raw"] = shares
+        if cfg.calibration_coef:  # P(IoU >= 0.5) fitted on a team's reviewed tasks (`hybridgl tune`)
+            shares = calibration.probability(calibration.candidate_features(
+                F_, shares, p_np[I], view.proposals.quality[I], view.masks[I].mean(axis=(1, 2)), relation,
+                direction), cfg.calibration_features, cfg.calibration_coef)
         hybrid_index = int(torch.argmax(S))
         ranking = [{"index": int(I[o]), "score": float(shares[o]), "semantic": float(p_np[I[o]]),
                     "final": float(F_[o])} for o in order]

@@ -194,8 +194,9 @@ def _nice_step(raw: float) -> float:
 
 
 def plot_iou_histogram(ious: Sequence[float], path: str | Path, hybrid_ious: Sequence[float] | None = None,
-                       n_bins: int = 20, title: str = "IoU per expression") -> Path:
-    """Histogram of the per-expression IoU (filled: full method; outline: hybrid features only)."""
+                       n_bins: int = 20, title: str = "IoU per expression",
+                       labels: tuple[str, str] = ("full method", "hybrid features only")) -> Path:
+    """Histogram of the per-expression IoU (filled: `ious`, labels[0]; outline: `hybrid_ious`, labels[1])."""
     iou = np.clip(np.asarray(ious, dtype=np.float64), 0.0, 1.0)
     counts = np.histogram(iou, bins=n_bins, range=(0.0, 1.0))[0]
     hyb = None
@@ -219,9 +220,9 @@ def plot_iou_histogram(ious: Sequence[float], path: str | Path, hybrid_ious: Seq
                 d.rectangle([x0 + i * width + 3, y0 - h, x0 + (i + 1) * width - 3, y0], outline=(220, 90, 40), width=2)
         small = _font(12)
         d.rectangle([x1 - 170, y1 + 8, x1 - 156, y1 + 22], fill=(70, 130, 200))
-        d.text((x1 - 150, y1 + 15), "full method", fill="black", font=small, anchor="lm")
+        d.text((x1 - 150, y1 + 15), labels[0], fill="black", font=small, anchor="lm")
         d.rectangle([x1 - 170, y1 + 28, x1 - 156, y1 + 42], outline=(220, 90, 40), width=2)
-        d.text((x1 - 150, y1 + 35), "hybrid features only", fill="black", font=small, anchor="lm")
+        d.text((x1 - 150, y1 + 35), labels[1], fill="black", font=small, anchor="lm")
     path = Path(path)
     img.save(path)
     return path

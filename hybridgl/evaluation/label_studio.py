@@ -114,6 +114,11 @@ def _task_image(data: dict) -> Any:
 def load_export(path: str | Path, model_version: str | None = None, from_name: str | None = None,
                 label: str | None = None, text_key: str | None = None) -> tuple[list[dict], dict]:
     """predictions.jsonl-style lines (one per annotated task) and counts of what was left out."""
+    return records_from_tasks(read_export(path), model_version, from_name, label, text_key)
+
+
+def read_export(path: str | Path) -> list:
+    """The tasks of a Label Studio JSON export file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Label Studio export not found: {path}")
@@ -122,6 +127,12 @@ def load_export(path: str | Path, model_version: str | None = None, from_name: s
         tasks = [tasks]
     if not isinstance(tasks, list):
         raise ValueError(f"{path}: expected the JSON export, a list of tasks")
+    return tasks
+
+
+def records_from_tasks(tasks: list, model_version: str | None = None, from_name: str | None = None,
+                       label: str | None = None, text_key: str | None = None) -> tuple[list[dict], dict]:
+    """`load_export` on tasks already read (an export file, or a project through `LabelStudioProject`)."""
     records: list[dict] = []
     counts = {"tasks": len(tasks), "no_annotation": 0, "no_prediction": 0, "empty_prediction": 0,
               "unreadable": 0}
@@ -201,3 +212,55 @@ def evaluate_export(path: str | Path, out_dir: str | Path, model_version: str | 
             "label_studio": counts}
     return write_outputs(records, out_dir, info, good_iou=good_iou,
                          targets=targets or calibration.DEFAULT_TARGETS, plots=plots, write_lines=True)
+
+
+class LabelStudioProject:
+    """A Label Studio project read over plain HTTP: its annotated tasks (the JSON export) and the
+    tasks' images. api_key: a legacy token (`Authorization: Token`) or a personal access token
+    (a JWT refresh token, exchanged at /api/token/refresh for a Bearer access token)."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self._key = api_key
+        self._headers: dict[str, str] | None = None
+
+    def headers(self) -> dict[str, str]:
+        import requests
+
+        if self._headers is None:
+            if self._key.count(".") == 2:  # a JWT: a personal access token
+                r = requests.post(f"{self.url}/api/token/refresh", json={"refresh": self._key}, timeout=self.timeout)
+                r.raise_for_status()
+                self._headers = {"Authorization": f"Bearer {r.json()['access']}"}
+            else:
+                self._headers = {"Authorization": f"Token {self._key}"}
+        return self._headers
+
+    def get(self, path_or_url: str, **params):
+        import requests
+
+        url = path_or_url if path_or_url.startswith(("http://", "https://")) else self.url + path_or_url
+        r = requests.get(url, headers=self.headers(), params=params or None, timeout=self.timeout)
+        if r.status_code >= 400:
+            raise ValueError(f"Label Studio at {self.url} answered HTTP {r.status_code} for "
+                             f"{url.split('?')[0]}: {r.text[:200]}")
+        return r
+
+    def annotated_tasks(self, project: int) -> list:
+        """The project's tasks with at least one annotation, as in its JSON export."""
+        tasks = self.get(f"/api/projects/{int(project)}/export", exportType="JSON").json()
+        if not isinstance(tasks, list):
+            raise ValueError(f"project {project}: the export is not a list of tasks")
+        return tasks
+
+    def image(self, url: str) -> bytes:
+        """A task's image: Label Studio paths (/data/...) and URLs on its host with the token."""
+        from urllib.parse import urlparse
+
+        if url.startswith("/") or urlparse(url).netloc == urlparse(self.url).netloc:
+            return self.get(url).content
+        import requests
+
+        r = requests.get(url, timeout=self.timeout)
+        r.raise_for_status()
+        return r.content
