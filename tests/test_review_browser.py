@@ -144,12 +144,12 @@ def test_data_manager_shows_and_sorts_the_scores(review):
         still loading its view, resets them."""
         rows = b.table()
         if rows and "Prediction score" not in rows[0]:
-            b.click(b.wait("the Columns button", lambda: b.by_text("Columns")))
-            b.click(b.wait("the Prediction score column", lambda: b.by_text("Prediction score", "//label")))
+            b.click_on("the Columns button", lambda: b.by_text("Columns"))
+            b.click_on("the Prediction score column", lambda: b.by_text("Prediction score", "//label"))
             b.driver.find_element("tag name", "body").send_keys("\ue00c")  # Escape closes the menu
         elif rows and [int(x["ID"]) for x in rows] != want and b.by_text("Order by"):
             b.click(b.by_text("Order by"))
-            b.click(b.wait("the Order by menu", lambda: b.by_text("Prediction score", "//*[contains(@class, 'menu')]")))
+            b.click_on("the Order by menu", lambda: b.by_text("Prediction score", "//*[contains(@class, 'menu')]"))
             b.driver.find_element("tag name", "body").send_keys("\ue00c")
         elif rows and [int(x["ID"]) for x in rows] == want:
             return rows
@@ -168,10 +168,10 @@ def test_review_queue_serves_the_lowest_score_first(review):
     scores = best_scores(r)
     queue = sorted(scores, key=lambda t: scores[t])
     b.driver.get(f"{r['ls'].url}/projects/{r['project']}/data")
-    b.click(b.wait("Label All Tasks", lambda: b.by_text("Label All Tasks")))
+    b.click_on("Label All Tasks", lambda: b.by_text("Label All Tasks"))
     assert b.wait("the first task of the queue", b.editor_task_id) == queue[0]  # the failed task: 0
     b.screenshot(shot(r, "queue-failed"))
-    b.click(b.wait("the Skip button", lambda: b.by_text("Skip")))
+    b.click_on("the Skip button", lambda: b.by_text("Skip"))
     assert b.wait("the next task of the queue", lambda: (
         t if (t := b.editor_task_id()) != queue[0] else None)) == queue[1]  # then the lowest real score
 
@@ -244,32 +244,34 @@ def test_smart_tools_and_prompt_each_bring_a_suggestion(review):
 
     r, b = review, review["browser"]
     b.driver.get(f"{r['ls'].url}/projects/{r['project']}/data?task={r['tasks'][1]}")
-    b.click(b.wait("the Auto-Annotation switch", lambda: b.driver.find_element(
-        By.CSS_SELECTOR, "[data-testid=bottombar-auto-annotation-toggle]")))
-    canvas = b.wait("the image", lambda: b.driver.find_elements(By.CSS_SELECTOR, ".konvajs-content canvas")[-1])
+    b.wait("the image", lambda: b.driver.find_elements(By.CSS_SELECTOR, ".konvajs-content canvas"))
+    b.click_on("the Auto-Annotation switch", lambda: b.driver.find_element(
+        By.CSS_SELECTOR, "[data-testid=bottombar-auto-annotation-toggle]"))
+    b.wait("the smart tools", lambda: b.driver.find_elements(By.CSS_SELECTOR, "[aria-label=key-point-tool]"))
 
     def ask(tool: str | None, label: str | None, gesture) -> None:
         before = interactive_requests(r)
         if tool:
-            b.click(b.wait(tool, lambda: b.driver.find_element(By.CSS_SELECTOR, f"[aria-label={tool}]")))
-            b.click(b.wait(label, lambda: b.by_text(label)))
-            b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # the label scrolled
-        gesture()
+            b.click_on(tool, lambda: b.driver.find_element(By.CSS_SELECTOR, f"[aria-label={tool}]"))
+            b.click_on(label, lambda: b.by_text(label))
+        canvas = b.driver.find_elements(By.CSS_SELECTOR, ".konvajs-content canvas")[-1]  # the stage, as now
+        b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # a label click scrolls
+        gesture(canvas)
         b.wait(f"the backend to be asked ({tool or 'prompt'})", lambda: interactive_requests(r) > before, 120)
-        reject = b.wait(f"the suggestion ({tool or 'prompt'})", lambda: b.driver.find_elements(
-            By.CSS_SELECTOR, "[data-testid=bottombar-reject-suggestions-button]"), 120)[0]
+        rejects = lambda: b.driver.find_elements(By.CSS_SELECTOR, "[data-testid=bottombar-reject-suggestions-button]")
+        b.wait(f"the suggestion ({tool or 'prompt'})", rejects, 120)
         assert "1 suggestion" in b.driver.find_element(By.TAG_NAME, "body").text
         b.screenshot(shot(r, f"smart-{tool or 'prompt'}"))
-        b.click(reject)  # the next tool starts from a clean slate
+        b.click_on("Reject", lambda: rejects()[0])  # the next tool starts from a clean slate
         b.wait("the suggestion to go", lambda: not b.driver.find_elements(
             By.CSS_SELECTOR, "[data-testid=bottombar-reject-suggestions-button]"))
 
     ask("key-point-tool", "Click the object",
-        lambda: ActionChains(b.driver).move_to_element_with_offset(canvas, -60, 60).click().perform())
-    ask("rectangle-tool", "Box the object", lambda: ActionChains(b.driver).move_to_element_with_offset(
+        lambda canvas: ActionChains(b.driver).move_to_element_with_offset(canvas, -60, 60).click().perform())
+    ask("rectangle-tool", "Box the object", lambda canvas: ActionChains(b.driver).move_to_element_with_offset(
         canvas, -200, -100).click_and_hold().move_by_offset(60, 40).move_by_offset(60, 40).release().perform())
 
-    def type_prompt():
+    def type_prompt(_canvas):
         box = b.driver.find_element(By.CSS_SELECTOR, "[aria-label='TextArea Input']")
         box.send_keys("the plate")
         box.send_keys(Keys.ENTER)

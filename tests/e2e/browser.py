@@ -93,6 +93,17 @@ class Browser:
         """Click through JavaScript: the element may sit in a scrolled menu."""
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
 
+    def click_on(self, what: str, find: Callable[[], Any], timeout: float | None = None) -> None:
+        """Find and click, retried (bounded) while the page re-renders under it (stale or absent element)."""
+        def attempt():
+            element = find()
+            if element:
+                self.click(element)
+                return True
+            return None
+
+        self.wait(what, attempt, timeout)
+
     def screenshot(self, path: Path | None) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
