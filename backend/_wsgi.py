@@ -17,6 +17,7 @@ from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import logsafe, quality
+from .admission import Admission, client_gone
 from .model import HybridGLBackend, SetupError
 from .settings import Settings, SettingsError
 
@@ -63,6 +64,11 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
     app = Flask("hybridgl-backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.config["backend"] = backend
+    admission = Admission(settings.max_queue)
+    threads = os.environ.get("THREADS", "").strip()  # docker/start.sh's gunicorn threads
+    if threads.isdigit() and int(threads) <= settings.max_queue:
+        log.warning("THREADS=%s does not exceed HYBRIDGL_MAX_QUEUE=%d: /health can wait behind predicts",
+                    threads, settings.max_queue)
 
     @app.before_request
     def basic_auth():
@@ -112,6 +118,15 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
 
     @app.post("/predict")
     def predict():
+        with admission.enter() as admitted:
+            if not admitted:  # refused before reading the body: the threads stay free for /health
+                backend.counters.add("requests.predict_refused")
+                return jsonify({"error": f"busy: {admission.limit} predict requests already wait for the model "
+                                         "(HYBRIDGL_MAX_QUEUE); retry later"}), 503, \
+                    {"Retry-After": str(settings.retry_after)}
+            return _predict()
+
+    def _predict():
         payload = _json_body()
         if not isinstance(payload, dict) or not isinstance(payload.get("tasks"), list):
             return jsonify({"error": 'expected JSON {"tasks": [...], "label_config": "<View>...</View>"}'}), 400
@@ -120,7 +135,7 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
         started = time.time()
         results = backend.predict(payload["tasks"], context=context,
                                   label_config=payload.get("label_config") or payload.get("schema"),
-                                  project=payload.get("project"))
+                                  project=payload.get("project"), cancelled=client_gone(request.environ))
         backend.counters.add("requests.predict")
         log.info("predict: %d tasks in %.2f s%s", len(results), time.time() - started,
                  " (interactive)" if context is not None else "")

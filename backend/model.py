@@ -30,6 +30,8 @@ log = logging.getLogger("backend")
 
 # fetch(url, task_id) -> the image file's bytes; raises TaskError for that task
 Fetch = Callable[[str, Any], bytes]
+# cancelled() -> True when nobody waits for the answer any more (the client went away)
+Cancelled = Callable[[], bool]
 
 # Failures of the task's own data (its image or its expression): recorded in Label Studio as an
 # empty prediction scored 0 (HybridGLBackend.failure_prediction). The other kinds (Label Studio
@@ -181,8 +183,9 @@ class HybridGLBackend:
         return conn
 
     def predict(self, tasks: list[dict], context: dict | None = None, label_config: str | None = None,
-                project: Any = None, **_: Any) -> list[dict | list[dict]]:
-        """Label Studio's /predict: one entry per task, in order (see TaskOutcome.to_label_studio)."""
+                project: Any = None, cancelled: Cancelled | None = None, **_: Any) -> list[dict | list[dict]]:
+        """Label Studio's /predict: one entry per task, in order (see TaskOutcome.to_label_studio).
+        cancelled(): checked before each model pass; once True the remaining tasks are skipped."""
         if not (isinstance(label_config, str) and label_config.strip()) and project_key(project) is not None:
             with self._state_lock:
                 label_config = self._schemas.get(project_key(project))
@@ -196,7 +199,8 @@ class HybridGLBackend:
             return [{"error": str(exc), "kind": exc.kind, "task": _task_id(t)} for t in tasks]
         connections = self.connections_for(project)
         return [o.to_label_studio() for o in self.predict_tasks(
-            tasks, interface, context=context, fetch=lambda url, task_id: self.fetch(url, task_id, connections))]
+            tasks, interface, context=context, fetch=lambda url, task_id: self.fetch(url, task_id, connections),
+            cancelled=cancelled)]
 
     def webhook(self, payload: dict) -> dict:
         """Label Studio sends every project event here; counted, otherwise ignored (zero-shot model)."""
@@ -236,7 +240,8 @@ class HybridGLBackend:
 
     # -- the reusable path --------------------------------------------------------------------------
     def predict_tasks(self, tasks: Sequence[dict], interface: Interface, context: dict | None = None,
-                      fetch: Fetch | None = None, alternatives: int | None = None) -> list[TaskOutcome]:
+                      fetch: Fetch | None = None, alternatives: int | None = None,
+                      cancelled: Cancelled | None = None) -> list[TaskOutcome]:
         """Predict every task (in order); one bad task never fails the others.
 
         fetch(url, task_id) -> bytes: where images come from (default: Label Studio, as configured);
@@ -249,16 +254,19 @@ class HybridGLBackend:
             self.counters.add(f"errors.{err.kind}", len(tasks))
             log.warning("predict: %s", err)
             return [TaskOutcome(_task_id(t), error=err) for t in tasks]
-        return [self.predict_task(task, interface, context, fetch, alternatives) for task in tasks]
+        return [self.predict_task(task, interface, context, fetch, alternatives, cancelled) for task in tasks]
 
     def predict_task(self, task: dict, interface: Interface, context: dict | None = None,
-                     fetch: Fetch | None = None, alternatives: int | None = None) -> TaskOutcome:
+                     fetch: Fetch | None = None, alternatives: int | None = None,
+                     cancelled: Cancelled | None = None) -> TaskOutcome:
         task_id = _task_id(task)
         started = time.time()
         outcome = TaskOutcome(task_id)
         try:
+            if cancelled is not None and cancelled():
+                raise TaskError("client_gone", "the client closed the connection: task not computed")
             self._predict_task(task, interface, context, fetch or (lambda url, tid: self.fetch(url, tid)),
-                               alternatives, outcome)
+                               alternatives, outcome, cancelled)
             self.counters.add("tasks.ok")
         except TaskError as exc:
             outcome.error = exc
@@ -273,7 +281,7 @@ class HybridGLBackend:
         return outcome
 
     def _predict_task(self, task: dict, interface: Interface, context: dict | None, fetch: Fetch,
-                      alternatives: int | None, outcome: TaskOutcome) -> None:
+                      alternatives: int | None, outcome: TaskOutcome, cancelled: Cancelled | None = None) -> None:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise TaskError("bad_task", "a task must be an object with a 'data' object")
         url = task["data"].get(interface.image_field)
@@ -285,10 +293,10 @@ class HybridGLBackend:
         image = decode_image(raw, self.settings.max_image_pixels)
         self.counters.time("fetch", time.time() - t0)
         hints = read_context(context, interface, image.shape[:2])
-        view = self.prepared(raw, image)
+        view = self.prepared(raw, image, cancelled)
         indices = candidate_indices(view, hints)
         t0 = time.time()
-        with self._busy(), self.gpu_lock:
+        with self._model(cancelled):
             seg = self.model.segment(view.subset(indices) if indices is not None else view, expression)
         self.counters.time("segment", time.time() - t0)
         outcome.segmentation = seg
@@ -327,14 +335,14 @@ class HybridGLBackend:
                 "reason": f"{error.kind}: {error}"}
 
     # -- the prepared-image cache ---------------------------------------------------------------------
-    def prepared(self, raw: bytes, image: np.ndarray) -> PreparedView:
+    def prepared(self, raw: bytes, image: np.ndarray, cancelled: Cancelled | None = None) -> PreparedView:
         """The image-only work, once per distinct image content (LRU of HYBRIDGL_CACHE_IMAGES entries)."""
         key = hashlib.sha256(raw).hexdigest()
         view = self._cached(key)
         if view is not None:
             self.counters.add("cache.hits")
             return view
-        with self._busy(), self.gpu_lock:
+        with self._model(cancelled):
             view = self._cached(key)  # another thread may have prepared it while this one waited
             if view is not None:
                 self.counters.add("cache.hits")
@@ -365,6 +373,14 @@ class HybridGLBackend:
     def cache_size(self) -> int:
         with self._views_lock:
             return len(self._views)
+
+    @contextlib.contextmanager
+    def _model(self, cancelled: Cancelled | None = None):
+        """Hold the model (one pass at a time); a client that left while this waited gets nothing computed."""
+        with self._busy(), self.gpu_lock:
+            if cancelled is not None and cancelled():
+                raise TaskError("client_gone", "the client closed the connection while the task waited for the model")
+            yield
 
     @contextlib.contextmanager
     def _busy(self):

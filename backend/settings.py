@@ -75,6 +75,8 @@ class Settings:
     max_text_chars: int = 2000
     max_tasks: int = 1000  # tasks in one /predict request
     fetch_timeout: float = 30.0
+    max_queue: int = 4  # /predict requests waiting for or holding the model; past it 503 (backend/admission.py)
+    retry_after: int = 10  # seconds a refused /predict is told to wait (Retry-After)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -104,6 +106,8 @@ class Settings:
             max_text_chars=_int("HYBRIDGL_MAX_TEXT_CHARS", 2000, minimum=1),
             max_tasks=_int("HYBRIDGL_MAX_TASKS", 1000, minimum=1),
             fetch_timeout=_float("HYBRIDGL_FETCH_TIMEOUT", 30.0),
+            max_queue=_int("HYBRIDGL_MAX_QUEUE", 4, minimum=1),
+            retry_after=_int("HYBRIDGL_RETRY_AFTER", 10, minimum=1),
         )
 
     def __post_init__(self):
