@@ -4,6 +4,7 @@ Production: `gunicorn --workers 1 --threads 8 --timeout 0 backend._wsgi:app` (se
 """
 import argparse
 import os
+import signal
 import sys
 
 from ._wsgi import create_app
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM (docker stop) exits through the interpreter's exit path, which drains the webhook backlog
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app.run(host=args.host, port=args.port, threaded=True)
     return 0
 

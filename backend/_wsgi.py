@@ -61,6 +61,7 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
         backend = load_backend(settings)
     log.info("backend ready in %.1f s: %s on %s, parser %s", time.time() - started, backend.model_version,
              backend.model.device, backend.model.parser_name)
+    quality.resume(backend)  # webhook events a previous run persisted but did not handle
     app = Flask("hybridgl-backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.config["backend"] = backend

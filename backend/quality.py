@@ -16,11 +16,17 @@ that webhook itself when the ML backend is connected). For each, the tracker
 (total intersection / total union), the count, and IoU by score bucket, for the current
 model_version. Webhooks are handled on a background thread: Label Studio waits only 1 s
 (WEBHOOK_TIMEOUT) for the answer, and the lookup calls back into Label Studio.
+
+Durability: each event is written to the same SQLite file (table `webhook_events`) before the
+webhook is answered, and deleted only once it has been handled. A SIGTERM (`docker stop`) drains the
+backlog for up to DRAIN_SECONDS at exit; whatever is left, or everything after a kill -9, is handled
+when the backend starts again (`resume`).
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -54,7 +60,13 @@ CREATE TABLE IF NOT EXISTS corrections (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_version ON corrections (model_version);
+CREATE TABLE IF NOT EXISTS webhook_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload TEXT NOT NULL,
+    received REAL NOT NULL
+);
 """
+DRAIN_SECONDS = 20.0  # within gunicorn's graceful timeout (30 s) of docker/start.sh
 
 
 class QualityError(Exception):
@@ -148,6 +160,26 @@ class QualityStore:
                  numbers["intersection"], numbers["union"], numbers["annotated_pixels"],
                  numbers["predicted_pixels"], action, time.time()))
 
+    def enqueue(self, payload: dict) -> int:
+        """Persist one webhook event (committed when this returns); its id in the backlog."""
+        with self._lock, self._db:
+            return int(self._db.execute("INSERT INTO webhook_events (payload, received) VALUES (?, ?)",
+                                        (json.dumps(payload), time.time())).lastrowid)
+
+    def backlog(self, limit: int = 100) -> list[tuple[int, dict]]:
+        """The oldest unhandled events, (id, payload), in arrival order."""
+        with self._lock:
+            rows = list(self._db.execute("SELECT id, payload FROM webhook_events ORDER BY id LIMIT ?", (limit,)))
+        return [(int(i), json.loads(p)) for i, p in rows]
+
+    def backlog_size(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM webhook_events").fetchone()[0])
+
+    def handled(self, event_id: int) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM webhook_events WHERE id = ?", (event_id,))
+
     def forget(self, annotation_id: int) -> None:
         with self._lock, self._db:
             self._db.execute("DELETE FROM corrections WHERE annotation_id = ?", (annotation_id,))
@@ -191,21 +223,17 @@ def summarize(rows: list) -> dict[str, Any]:
 Lookup = Callable[[int, Any], list]
 
 
-@dataclass
-class Job:
-    payload: dict
-    received: float
-
-
 class QualityTracker:
-    """Scores annotation webhooks on one background thread; `process` does one synchronously."""
+    """Scores annotation webhooks on one background thread, from the store's persisted backlog;
+    `process` does one synchronously."""
 
     def __init__(self, store: QualityStore, model_version: str, predictions_of: Lookup, counters=None):
         self.store = store
         self.model_version = model_version
         self.predictions_of = predictions_of
         self.counters = counters
-        self._queue: queue.Queue[Job] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -223,27 +251,56 @@ class QualityTracker:
             return False
         if action not in ACTIONS:
             return False
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="quality-webhooks", daemon=True)
-                self._thread.start()
-        self._queue.put(Job(payload, time.time()))
+        self.store.enqueue(payload)  # durable before the webhook is answered
+        self.start()
         return True
 
+    def start(self) -> None:
+        """Run the worker (idempotent): it handles the persisted backlog, then each new event.
+        At interpreter exit (SIGTERM through gunicorn) the backlog is drained for DRAIN_SECONDS."""
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._work, name="quality-webhooks", daemon=True)
+                self._thread.start()
+                atexit.register(self.drain)
+        self._wake.set()
+
     def wait(self, timeout: float = 30) -> bool:
-        """Until every queued webhook is handled (tests, shutdown); False on timeout."""
+        """Until the persisted backlog is empty (tests, shutdown); False on timeout."""
         deadline = time.time() + timeout
-        while self._queue.unfinished_tasks and time.time() < deadline:
+        while self.store.backlog_size() and time.time() < deadline:
             time.sleep(0.05)
-        return not self._queue.unfinished_tasks
+        return not self.store.backlog_size()
+
+    def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
+        """Handle the backlog for up to `timeout` seconds, then stop the worker; what is left stays
+        persisted for the next start. True when nothing was left."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self.store.backlog_size()
+        left = self.store.backlog_size()
+        if left:
+            log.info("webhooks: draining %d queued events (up to %.0f s)", left, timeout)
+        done = self.wait(timeout)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        if not done:
+            log.warning("webhooks: %d events left for the next start", self.store.backlog_size())
+        return done
 
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                self.process(job.payload)
-            finally:
-                self._queue.task_done()
+        while not self._stop.is_set():
+            self._wake.clear()
+            events = self.store.backlog()
+            if not events:
+                self._wake.wait(1.0)
+                continue
+            for event_id, payload in events:
+                if self._stop.is_set():
+                    return
+                self.process(payload)
+                self.store.handled(event_id)
 
     def process(self, payload: dict) -> dict | None:
         """Score one annotation webhook; returns the stored numbers, or None (counted by kind)."""
@@ -339,6 +396,19 @@ def tracker_for(backend) -> QualityTracker:
             tracker = QualityTracker(store, backend.model_version, label_studio_lookup(backend), backend.counters)
             backend._quality_tracker = tracker
         return tracker
+
+
+def resume(backend) -> int:
+    """At start-up: handle the webhook events a previous run left (kill -9, a drain cut short).
+    Returns how many there were; creates nothing when there is no store yet."""
+    if not (Path(backend.settings.model_dir) / DB_NAME).exists():
+        return 0
+    tracker = tracker_for(backend)
+    left = tracker.store.backlog_size()
+    if left:
+        log.info("webhooks: resuming %d events queued before the last stop", left)
+        tracker.start()
+    return left
 
 
 def metrics_for(backend) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,7 @@ def main() -> int:
 
     app = create_app()
     shutil.rmtree(workdir, ignore_errors=True)  # the checkpoint is loaded
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as `python -m backend`: exit handlers run
     app.run(host=args.host, port=args.port, threaded=True)
     return 0
 
