@@ -300,7 +300,7 @@ class HybridGLBackend:
             seg = self.model.segment(view.subset(indices) if indices is not None else view, expression)
         self.counters.time("segment", time.time() - t0)
         outcome.segmentation = seg
-        h, w = view.size
+        h, w = view.output_size
         if seg.mask is None:  # no proposal at all: an empty prediction, scored 0 (sorts first for review)
             self.counters.add("predictions.empty")
             outcome.predictions = [{"result": [], "score": 0.0, "model_version": self.model_version}]
@@ -309,7 +309,8 @@ class HybridGLBackend:
         # object there, possibly empty; batch retrieval sends none); batch retrieval gets alternatives
         k = 1 if context is not None else (alternatives or self.settings.alternatives)
         to_view = (lambda i: int(indices[i])) if indices is not None else int
-        outcome.predictions = [self.prediction(view.masks[to_view(r["index"])], r["score"], interface, h, w, rank)
+        outcome.predictions = [self.prediction(view.full_size(view.masks[to_view(r["index"])]), r["score"],
+                                               interface, h, w, rank)
                                for rank, r in enumerate(seg.ranking[:k], start=1)]
         self.counters.add("predictions", len(outcome.predictions))
 
@@ -434,9 +435,10 @@ def candidate_indices(view: PreparedView, hints: Hints) -> np.ndarray | None:
         return None
     keep = np.arange(len(view))
     h, w = view.size
+    sy, sx = h / view.output_size[0], w / view.output_size[1]  # hints are in the original image's pixels
 
     def pixel(point: tuple[float, float]) -> tuple[int, int]:
-        return min(max(int(point[1]), 0), h - 1), min(max(int(point[0]), 0), w - 1)
+        return min(max(int(point[1] * sy), 0), h - 1), min(max(int(point[0] * sx), 0), w - 1)
 
     for point in hints.points:
         y, x = pixel(point)
@@ -450,7 +452,7 @@ def candidate_indices(view: PreparedView, hints: Hints) -> np.ndarray | None:
         raise TaskError("no_candidate", "no mask proposal is left after the negative point(s)")
     if hints.box is not None:
         boxes = view.boxes_xywh[keep].astype(np.float64)
-        bx, by, bw, bh = hints.box
+        bx, by, bw, bh = hints.box[0] * sx, hints.box[1] * sy, hints.box[2] * sx, hints.box[3] * sy
         ix = np.clip(np.minimum(boxes[:, 0] + boxes[:, 2], bx + bw) - np.maximum(boxes[:, 0], bx), 0, None)
         iy = np.clip(np.minimum(boxes[:, 1] + boxes[:, 3], by + bh) - np.maximum(boxes[:, 1], by), 0, None)
         inter = ix * iy

@@ -97,12 +97,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_model(args, need_sam=proposals is None)
     view = model.prepare(image, proposals=proposals)
     seg = model.segment(view, args.expression)
-    h, w = view.size
+    h, w = view.output_size
     mask = seg.mask if seg.mask is not None else np.zeros((h, w), bool)
     Image.fromarray(mask.astype(np.uint8) * 255).save(args.out)
     if args.overlay:
         runner_ups = [view.masks[r["index"]] for r in seg.ranking[1:1 + args.runner_ups]]
-        overlay(view.image, seg.mask, args.expression, seg.score, runner_ups).save(args.overlay)
+        chosen = view.masks[seg.index] if seg.index is not None else None  # drawn on the image the model saw
+        overlay(view.image, chosen, args.expression, seg.score, runner_ups).save(args.overlay)
     summary = {"image": str(args.image), "expression": args.expression, "size": [h, w],
                "model_version": model.model_version, "parser": model.parser_name, **seg.to_dict(),
                "mask_area": int(mask.sum()), "proposals": len(view)}

@@ -25,6 +25,9 @@ class HybridGLConfig:
     crop_n_layers: int = 0
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 800
+    # Images larger than this (longest side, pixels) are downscaled for the model and the mask is
+    # given back at the original size; None: never (see HybridGL.prepare for how this relates to the spec).
+    max_image_side: int | None = 1024
 
     # 2. Hybrid global-local mask features.
     fusion_mode: str = "G2L"
@@ -92,6 +95,8 @@ class HybridGLConfig:
         for name in ("black", "black_big", "black_small"):
             if not 0.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must lie in [0, 2]")
+        if self.max_image_side is not None and self.max_image_side < 64:
+            raise ValueError("max_image_side must be at least 64 (or None)")
         if self.score_temperature <= 0:
             raise ValueError("score_temperature must be positive")
         if not 0.0 <= self.alpha <= 1.0:

@@ -75,20 +75,37 @@ def weights_fingerprint(module: nn.Module | None) -> str:
 class PreparedView:
     """The image-only work for one image.
 
-    image: uint8 [H,W,3]; proposals: masks bool [N,H,W] and boxes int64 [N,4];
-    features: hybrid features float32 [N,D] (on the model's device); tokens: GEM token
-    features [g,g,D] (unit norm) or None when coherence is off.
+    image: uint8 [H,W,3], the image the model saw; proposals: masks bool [N,H,W] and boxes
+    int64 [N,4] at that size; features: hybrid features float32 [N,D] (on the model's device);
+    tokens: GEM token features [g,g,D] (unit norm) or None when coherence is off;
+    original_size: (H0, W0) of the given image when it was downscaled (config.max_image_side), else None.
     """
 
     image: np.ndarray
     proposals: Proposals
     features: torch.Tensor
     tokens: torch.Tensor | None
+    original_size: tuple[int, int] | None = None
     _device_masks: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
+        """(H, W) the model worked at."""
         return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(H0, W0) of the image as given: the size of Segmentation.mask."""
+        return self.original_size or self.size
+
+    def full_size(self, mask: np.ndarray) -> np.ndarray:
+        """bool [H,W] at the model's size -> bool [H0,W0] (nearest neighbour; a copy)."""
+        if self.original_size is None:
+            return mask.copy()
+        (h, w), (h0, w0) = self.size, self.original_size
+        rows = np.minimum((np.arange(h0) * h) // h0, h - 1)  # source row of each output row
+        cols = np.minimum((np.arange(w0) * w) // w0, w - 1)
+        return mask[rows[:, None], cols[None, :]]
 
     @property
     def masks(self) -> np.ndarray:
@@ -106,7 +123,7 @@ class PreparedView:
         idx = np.asarray(indices, dtype=np.int64)
         props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
         return PreparedView(self.image, props, self.features[torch.from_numpy(idx).to(self.features.device)],
-                            self.tokens)
+                            self.tokens, self.original_size)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:
@@ -118,7 +135,8 @@ class PreparedView:
 class Segmentation:
     """The answer for one expression on one image.
 
-    mask: bool [H,W] or None when there is no proposal; index: the chosen proposal.
+    mask: bool [H0,W0] (the image's size as given) or None when there is no proposal; index: the chosen
+      proposal (view.masks[index] is that mask at the model's size, view.size).
     score: confidence in [0, 1], the chosen candidate's share of softmax(F / score_temperature)
       over the k1 candidates (F = the fused final scores of Eq. 9). It is low (towards 1/k1)
       when the top candidates are nearly tied, i.e. the choice was uncertain, and 0 without proposals.
@@ -232,8 +250,31 @@ class HybridGL:
     @torch.no_grad()
     def prepare(self, image: Image.Image | np.ndarray,
                 proposals: np.ndarray | torch.Tensor | Proposals | None = None) -> PreparedView:
-        """All the image-only work: proposals, hybrid features, GEM token features."""
+        """All the image-only work: proposals, hybrid features, GEM token features.
+
+        An image whose longest side exceeds `config.max_image_side` is first downscaled to it (area
+        averaging, aspect kept; given proposals are downscaled by nearest neighbour), which bounds the
+        time and memory of every step. The spec runs on the image as given; the method itself sees
+        no more than this anyway (SAM's encoder takes 1024 pixels on the longest side, CLIP's crops
+        224, GEM 448), so only the resolution at which masks, boxes and the coherence map are
+        compared changes, and `min_mask_region_area` then counts pixels of the downscaled image.
+        `segment` gives the mask back at the original size (`PreparedView.full_size`).
+        """
         rgb = to_rgb_array(image)
+        original_size = None
+        limit = self.config.max_image_side
+        if limit is not None and max(rgb.shape[:2]) > limit:
+            original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+            scale = limit / max(original_size)
+            size = (max(1, round(original_size[1] * scale)), max(1, round(original_size[0] * scale)))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+            if proposals is not None:
+                proposals = proposals.masks if isinstance(proposals, Proposals) else proposals
+                masks = np.asarray(proposals.cpu() if isinstance(proposals, torch.Tensor) else proposals, dtype=bool)
+                masks = masks[None] if masks.ndim == 2 else masks
+                rows = (np.arange(size[1]) * original_size[0]) // size[1]
+                cols = (np.arange(size[0]) * original_size[1]) // size[0]
+                proposals = masks[:, rows[:, None], cols[None, :]]
         h, w = rgb.shape[:2]
         if proposals is None:
             if self.proposer is None:
@@ -245,7 +286,7 @@ class HybridGL:
             props = Proposals.from_masks(proposals, h, w)
         features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
-        return PreparedView(rgb, props, features, tokens)
+        return PreparedView(rgb, props, features, tokens, original_size)
 
     @torch.no_grad()
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
@@ -318,5 +359,5 @@ class HybridGL:
             black=np.float64(black), gem_A=A.cpu().numpy(), gem_Aprime=A_prime.cpu().numpy(),
             G=G, F=F_, pred_g2l=np.int64(hybrid_index), pred_final=np.int64(chosen),
         )
-        return Segmentation(view.masks[chosen].copy(), float(shares[order[0]]), chosen, hybrid_index,
+        return Segmentation(view.full_size(view.masks[chosen]), float(shares[order[0]]), chosen, hybrid_index,
                             ranking, parse, explain)

@@ -131,7 +131,7 @@ def make_record(sample, seg, view, gt: np.ndarray, reason: str | None = None) ->
     if pred is not None and pred.shape != gt.shape:
         raise ValueError(f"sample {sample.sent_id}: mask {pred.shape} but ground truth {gt.shape}")
     hybrid_index = getattr(seg, "hybrid_index", None) if seg is not None else None
-    hybrid = view.masks[hybrid_index] if hybrid_index is not None else None
+    hybrid = view.full_size(view.masks[hybrid_index]) if hybrid_index is not None else None
     i, u = _counts(pred, gt)
     hi, hu = _counts(hybrid, gt)
     ranking = [{"index": int(r["index"]), "score": float(r["score"])}
