@@ -13,6 +13,9 @@ batch of work, and rerunning it finishes the rest without duplicates. A task who
 expression is unusable gets an empty prediction scored 0 (it sorts first for review). At the end
 the project's model_version is set to this one (and, with --sampling, its task sampling), so that
 Label Studio's score column, review queue and pre-filled masks read these predictions.
+When Label Studio goes away mid-run (a restart), the run waits for it with backoff for --retry-for
+seconds (default 300), then resumes; past that it stops with exit status 3 and rerunning it later
+finishes the rest.
 
 Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
@@ -39,9 +42,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .labeling import Interface, TaskError, parse_config
+from .reconnect import CONNECTION_KINDS, LabelStudioGone, Reconnect, is_connection_error, label_studio_up
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("backend.preannotate")
+
+EXIT_LABEL_STUDIO_GONE = 3
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Summary:
     not_reached: int = 0  # left for a later run (--limit, interruption)
     prepared_images: int = 0  # SAM passes (distinct images computed)
     interrupted: bool = False
+    gone: str = ""  # why the run stopped early: Label Studio did not come back within --retry-for
     seconds: float = 0.0
     model_version: str = ""
 
@@ -78,7 +85,7 @@ class Summary:
                 "failed": len(self.failed),
                 "failed_by_kind": dict(kinds), "failures": {str(k): v for k, v in self.failed.items()},
                 "not_reached": self.not_reached, "prepared_images": self.prepared_images,
-                "interrupted": self.interrupted,
+                "interrupted": self.interrupted, "label_studio_gone": self.gone or None,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -136,6 +143,8 @@ def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: S
         summary.predictions += len(items)
         return set()
     except Exception as exc:  # noqa: BLE001 - retried one by one below
+        if is_connection_error(exc):  # Label Studio is away: not the predictions' fault (the caller waits)
+            raise
         log.warning("bulk import of %d predictions failed (%s); posting one by one", len(items), exc)
     failed: set[int] = set()
     for t, p in items:
@@ -177,12 +186,18 @@ def is_reviewed(task: dict) -> bool:
     return any(not a.get("was_cancelled") for a in annotations) or bool(task.get("total_annotations"))
 
 
+def already_posted(ls, task_id: int, model_version: str) -> bool:
+    """Whether Label Studio holds a prediction of `model_version` for the task (an import whose answer was lost)."""
+    return any(_as_dict(p).get("model_version") == model_version for p in ls.predictions.list(task=task_id))
+
+
 def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
         progress: bool = True, out=sys.stdout, set_version: bool = True, sampling: str | None = None,
-        unreviewed: bool = False) -> Summary:
+        unreviewed: bool = False, retry_for: float = 300.0) -> Summary:
     """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client),
     then make it ready for review (see `ready_for_review`; set_version=False leaves its version alone).
-    unreviewed: leave the tasks a person annotated alone (re-predicting after `hybridgl tune`)."""
+    unreviewed: leave the tasks a person annotated alone (re-predicting after `hybridgl tune`).
+    retry_for: seconds to wait for a Label Studio that stopped answering before giving up (Summary.gone)."""
     from tqdm import tqdm
 
     started = time.time()
@@ -221,9 +236,22 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     bar = tqdm(total=len(todo), unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pending: list[tuple[int, dict]] = []
     pending_rows: list[Row] = []
+    reconnect = Reconnect(lambda: label_studio_up(ls, project), retry_for, say=bar.write)
 
     def flush() -> None:
-        refused = post_predictions(ls, project, pending, summary)
+        while True:
+            try:
+                refused = post_predictions(ls, project, pending, summary)
+                break
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                reconnect.until_back()
+                # the import may have been stored before its answer was lost: never post it twice
+                stored = {t for t in dict.fromkeys(t for t, _ in pending)
+                          if already_posted(ls, t, backend.model_version)}
+                summary.predictions += sum(t in stored for t, _ in pending)
+                pending[:] = [(t, p) for t, p in pending if t not in stored]
         for row in pending_rows:
             if row.task_id in refused:
                 row.status, row.reason, row.score, row.margin = "failed", summary.failed[row.task_id], None, None
@@ -237,8 +265,12 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     misses_before = backend.counters.snapshot().get("cache.misses", 0)
     try:
         for task in todo:
-            outcome = backend.predict_task(task, interface,
-                                           fetch=lambda url, tid: backend.fetch(url, tid, connections))
+            while True:  # a task failing because Label Studio is away is retried once it is back
+                outcome = backend.predict_task(task, interface,
+                                               fetch=lambda url, tid: backend.fetch(url, tid, connections))
+                if outcome.ok or outcome.error.kind not in CONNECTION_KINDS or reconnect.up():
+                    break
+                reconnect.until_back()
             data = task.get("data") if isinstance(task.get("data"), dict) else {}
             image = str(data.get(interface.image_field, ""))
             expression = outcome.expression or str(data.get(interface.text_field, "") if interface.text_field else "")
@@ -263,9 +295,14 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         summary.interrupted = True
         summary.not_reached += len(todo) - processed + len(pending_rows)
         bar.write("interrupted: the current batch was not posted; rerun the same command to finish")
+    except LabelStudioGone as exc:
+        summary.gone = str(exc)
+        summary.not_reached += len(todo) - processed + len(pending_rows)
     finally:
         bar.close()
-    if summary.skipped or summary.predictions:  # Label Studio accepts only a version it holds predictions of
+    if summary.gone:  # Label Studio is away: the rerun makes the project ready
+        pass
+    elif summary.skipped or summary.predictions:  # Label Studio accepts only a version it holds predictions of
         ready_for_review(ls, project, backend.model_version if set_version else None, sampling, out)
     elif sampling:
         print("no prediction of this version in the project: sampling left unchanged", file=out)
@@ -313,6 +350,9 @@ def print_summary(summary: Summary, out) -> None:
           + (f"; reviewed, left alone: {summary.reviewed}" if summary.reviewed else "")
           + (f"; not reached: {summary.not_reached}" if summary.not_reached else "")
           + (" (interrupted)" if summary.interrupted else ""), file=out)
+    if summary.gone:
+        print(f"stopped: {summary.gone}; rerun the same command when it is back to finish the "
+              f"{summary.not_reached} remaining tasks (nothing is posted twice)", file=out)
     for task_id, reason in sorted(summary.failed.items()):
         print(f"  failed task {task_id}: {reason}", file=out)
     out.flush()
@@ -383,6 +423,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "unlabeled task with the lowest score first")
     ap.add_argument("--unreviewed", action="store_true",
                     help="only tasks no person has annotated yet (re-predicting after `hybridgl tune`)")
+    ap.add_argument("--retry-for", type=float, default=300.0, metavar="SECONDS",
+                    help="when Label Studio stops answering, wait this long for it (with backoff) before "
+                         "stopping with exit status 3 (default 300)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     args = ap.parse_args(argv)
@@ -398,7 +441,8 @@ def _interrupt(*_: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None, backend=None) -> int:
-    """Exit status: 0 all done, 1 some tasks failed, 2 cannot run, 130 interrupted."""
+    """Exit status: 0 all done, 1 some tasks failed, 2 cannot run, 3 Label Studio unreachable (for
+    --retry-for seconds mid-run, or at the start): rerun later to finish, 130 interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -432,7 +476,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
             backend.fetcher = ImageFetcher(settings)
         summary = run(backend, ls, args.project, batch=args.batch, limit=args.limit, report=args.report,
                       progress=not args.no_progress, set_version=not args.keep_project_version,
-                      sampling=args.sampling, unreviewed=args.unreviewed)
+                      sampling=args.sampling, unreviewed=args.unreviewed, retry_for=args.retry_for)
     except TaskError as exc:
         print(f"error: project {args.project}: {exc}", file=sys.stderr)
         return 2
@@ -445,20 +489,22 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
     except Exception as exc:  # Label Studio unreachable or refusing: say so, no traceback
         from label_studio_sdk.core.api_error import ApiError
 
+        if is_connection_error(exc):
+            print(f"error: Label Studio at {url} is unreachable ({exc.__class__.__name__}: {exc}); "
+                  "rerun when it is back", file=sys.stderr)
+            return EXIT_LABEL_STUDIO_GONE
         if isinstance(exc, ApiError):
             print(f"error: Label Studio at {url} answered HTTP {exc.status_code}: {str(exc.body)[:300]}",
                   file=sys.stderr)
-            return 2
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            print(f"error: Label Studio at {url} is unreachable ({exc.__class__.__name__}: {exc})", file=sys.stderr)
             return 2
         raise
     if args.json:
         print(json.dumps(summary.to_dict()))
     if summary.interrupted:
         return 130
+    if summary.gone:
+        print(f"error: {summary.gone} (Label Studio at {url}): stopped, rerun to finish", file=sys.stderr)
+        return EXIT_LABEL_STUDIO_GONE
     return 1 if summary.failed else 0
 
 

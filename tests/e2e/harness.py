@@ -112,10 +112,16 @@ class LabelStudio:
             "LABEL_STUDIO_LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
             "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
         })
-        self.process = Process([str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
-                                "127.0.0.1", "--port", str(self.port), "--data-dir", str(data), "--username",
-                                "e2e@example.com", "--password", "e2e-password-123", "--user-token", self.token,
-                                "--enable-legacy-api-token"], env, work / "label-studio.log")
+        self._start = ([str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
+                        "127.0.0.1", "--port", str(self.port), "--data-dir", str(data), "--username",
+                        "e2e@example.com", "--password", "e2e-password-123", "--user-token", self.token,
+                        "--enable-legacy-api-token"], env, work)
+        self.restart(start_timeout)
+
+    def restart(self, start_timeout: float = 240) -> None:
+        """(Re)start on the same port, data and token (after `stop()`: Label Studio coming back)."""
+        args, env, work = self._start
+        self.process = Process(args, env, work / "label-studio.log")
         self.process.wait_ready(self.url + "/health", start_timeout, "Label Studio")
 
     def stop(self) -> None:
