@@ -4,9 +4,10 @@
 
 Starts docker/start.sh (gunicorn, one worker, gthread) on the tiny models with the prepared-image
 cache off (every predict runs SAM), fires --clients concurrent predicts that, like Label Studio,
-retry after a 503's Retry-After until answered, and meanwhile polls /health and /metrics every
-0.1 s. Prints latency percentiles and the predicts' outcomes; --compare-unbounded runs the same load
-with a queue as large as the load (the behaviour before the bounded queue). It asserts nothing.
+retry after a 503's Retry-After until answered, and meanwhile probes /health and /metrics every
+0.2 s (each probe on its own connection, as a health checker does). Prints latency percentiles and
+the predicts' outcomes; --compare-unbounded runs the same load with a queue as large as the load
+(the behaviour before the bounded queue). It asserts nothing.
 """
 from __future__ import annotations
 
@@ -93,13 +94,20 @@ def run_load(url: str, clients: int) -> dict:
             time.sleep(float(headers.get("Retry-After", 1)))
         outcomes.append((status, refused, time.perf_counter() - t0))
 
-    def prober() -> None:
+    def probe_once(path: str) -> None:
+        t0 = time.perf_counter()
+        http(url + path, timeout=600)
+        latencies[path].append(time.perf_counter() - t0)
+
+    def prober() -> None:  # one probe every 0.2 s, each on its own thread: a stuck probe does not stop sampling
+        probes = []
         while not done.is_set():
             for path in latencies:
-                t0 = time.perf_counter()
-                http(url + path, timeout=600)
-                latencies[path].append(time.perf_counter() - t0)
-            time.sleep(0.1)
+                probes.append(threading.Thread(target=probe_once, args=(path,)))
+                probes[-1].start()
+            time.sleep(0.2)
+        for t in probes:
+            t.join()
 
     probe = threading.Thread(target=prober)
     workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
