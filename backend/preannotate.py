@@ -300,11 +300,10 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         summary.not_reached += len(todo) - processed + len(pending_rows)
     finally:
         bar.close()
-    if summary.gone:  # Label Studio is away: the rerun makes the project ready
-        pass
-    elif summary.skipped or summary.predictions:  # Label Studio accepts only a version it holds predictions of
+    reachable = not summary.gone  # else Label Studio is away: the rerun makes the project ready
+    if reachable and (summary.skipped or summary.predictions):  # LS accepts only a version it holds predictions of
         ready_for_review(ls, project, backend.model_version if set_version else None, sampling, out)
-    elif sampling:
+    elif reachable and sampling:
         print("no prediction of this version in the project: sampling left unchanged", file=out)
     summary.seconds = time.time() - started
     summary.prepared_images = backend.counters.snapshot().get("cache.misses", 0) - misses_before
@@ -496,6 +495,11 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
         if isinstance(exc, ApiError):
             print(f"error: Label Studio at {url} answered HTTP {exc.status_code}: {str(exc.body)[:300]}",
                   file=sys.stderr)
+            return 2
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            print(f"error: Label Studio at {url}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 2
         raise
     if args.json:
