@@ -340,3 +340,29 @@ def test_the_backend_reports_calibrated_scores_under_a_new_model_version(model, 
     assert [p["score"] for p in a.predictions] == pytest.approx(list(b.segmentation.explain["score_raw"][
         np.argsort(-b.segmentation.explain["F"], kind="stable")][:2]))
     assert [p["score"] for p in a.predictions] != pytest.approx([p["score"] for p in b.predictions])
+
+
+def test_tune_writes_a_calibration_that_lowers_the_held_out_calibration_error(model, data, tmp_path):
+    """Annotators who accept the default's mask on half the expressions and draw another mask on
+    the rest: no parameter explains them, but the raw score is overconfident, so a calibration
+    is fitted, measured on held-out folds, and written with the overrides."""
+    cache = CandidateCache(model, data["cache"])
+    images = []
+    for i, img in data["images"].items():
+        key, cand = cache.image(str(i), lambda img=img: img)
+        samples = []
+        for j, t in enumerate(EXPRESSIONS):
+            chosen = choose(cand, cache.expression(key, cand, t), model.config).index
+            gt = cand.masks[chosen] if j % 2 == 0 else ~cand.masks[chosen]
+            samples.append(Sample(f"{i}-{j}", t, lambda g=gt: g))
+        images.append(TuneImage(i, lambda img=img: img, samples))
+    items, _, _ = prepare_items(model, images, data["cache"])
+    result = tune(items, model.config, tmp_path, folds=4, n_configs=40, min_images=8, min_expressions=40,
+                  bootstrap=300)
+    cal = result["calibration"]
+    assert result["calibrated"] is True, cal["verdict"]
+    assert cal["held_out_calibrated"]["ece"] < cal["held_out_raw"]["ece"]
+    written = HybridGLConfig.from_file(tmp_path / "overrides.toml")
+    assert list(written.calibration_features) == cal["fit"]["calibration_features"]
+    assert written.calibration_coef == pytest.approx(cal["fit"]["calibration_coef"])
+    assert written.alpha == model.config.alpha  # no parameter change was recommended
