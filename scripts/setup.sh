@@ -4,14 +4,16 @@
 #   bash scripts/setup.sh --dev    + test dependencies
 #   bash scripts/setup.sh --e2e    + the Label Studio used by the end-to-end tests (.venv-ls)
 #                                  and the headless Chromium of the browser test (apt)
+#   bash scripts/setup.sh --ray    + Ray (Ray Data) for --ray in backend.preannotate / hybridgl evaluate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-dev=0; e2e=0
+dev=0; e2e=0; ray=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
     --e2e) e2e=1 ;;
+    --ray) ray=1 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -19,6 +21,7 @@ done
 .venv/bin/python -m pip install -q --upgrade pip
 reqs=(-r requirements.txt)
 [ "$dev" = 1 ] && reqs+=(-r requirements-dev.txt)
+[ "$ray" = 1 ] && reqs+=(-r requirements-ray.txt)
 .venv/bin/python -m pip install -q "${reqs[@]}"
 .venv/bin/python -m pip install -q --no-deps -e .
 if [ "$e2e" = 1 ]; then

@@ -79,8 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="score threshold that keeps this precision (repeatable; default 0.8, 0.9, 0.95)")
 
     from hybridgl.cli import add_model_arguments
+    from hybridgl.distributed import add_ray_arguments
 
     add_model_arguments(parser)
+    add_ray_arguments(parser)
 
 
 def _targets(args) -> tuple[float, ...]:
@@ -167,6 +169,11 @@ def main(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args)  # fail on a bad layout before loading any model
     if args.ablation:
         args.set = [f"{k}={json.dumps(v)}" for k, v in ABLATIONS[args.ablation].items()] + list(args.set or [])
+    from hybridgl.distributed import options_from_args
+
+    ray_options = options_from_args(args)
+    if ray_options is not None:
+        return _evaluate_on_ray(args, dataset, ray_options, targets, plots)
     from hybridgl.cli import load_model
 
     model = load_model(args, need_sam=True)
@@ -179,6 +186,25 @@ def main(args: argparse.Namespace) -> int:
                                         progress=not args.no_progress, overwrite=args.overwrite,
                                         good_iou=args.good_iou, targets=targets, plots=plots)
     except runner.ResumeError as exc:
+        raise _usage_error(str(exc)) from exc
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the same command continues from {out_dir / runner.PREDICTIONS}", file=sys.stderr)
+        raise
+    _print_result(metrics, out_dir)
+    return 0
+
+
+def _evaluate_on_ray(args, dataset, options, targets, plots) -> int:
+    from hybridgl.distributed import RayUnavailable
+
+    from . import ray_runner, runner
+
+    out_dir = Path(args.out)
+    try:
+        metrics = ray_runner.evaluate_on_ray(args, dataset, out_dir, options, proposals_cache=args.proposals_cache,
+                                             progress=not args.no_progress, overwrite=args.overwrite,
+                                             good_iou=args.good_iou, targets=targets, plots=plots)
+    except (runner.ResumeError, RayUnavailable) as exc:
         raise _usage_error(str(exc)) from exc
     except KeyboardInterrupt:
         print(f"\ninterrupted: the same command continues from {out_dir / runner.PREDICTIONS}", file=sys.stderr)

@@ -1,0 +1,229 @@
+"""Scale out on Ray: an image-grouped pipeline of model actors (Ray Data), for whole datasets.
+
+    items (one per image) --load (Ray tasks)--> --work (pool of model actors)--> driver
+
+Each item is one image and everything to do on it (its expressions or tasks), so an image is
+prepared once. `load(item)` fetches and decodes in plain Ray tasks, overlapping the model work;
+`work(model, item, loaded)` runs in a pool of actors (`num_gpus=1` each on GPU nodes, a
+configurable number of CPU actors otherwise), each building its model once with `factory()`.
+Results stream back to the driver in completion order, which writes or posts them.
+
+Faults: Ray restarts an actor whose process dies (killed, or a CUDA error: `work` then ends the
+process on purpose so the device gets a fresh context) and retries its in-flight items on the
+pool; the driver keeps the first result per item (a retried item can never be written twice), and
+an item that still fails is reported by index, never silently lost (`Result.error`).
+
+Needs the `ray` extra (`pip install hybridgl[ray]`); importing this module does not import Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+log = logging.getLogger("hybridgl.distributed")
+
+RETRIES = 3  # attempts per item beyond the first when its actor dies (then it is reported failed)
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or the cluster cannot be reached."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where to run and how many model actors.
+
+    address: None starts a local cluster; "auto" joins the cluster `ray start` runs on this node;
+      "HOST:PORT" (the head's GCS) or "ray://HOST:10001" (Ray Client) joins that one.
+    actors: model actors; default one per GPU of the cluster (divided by gpus_per_actor), else 1.
+    gpus_per_actor: default 1 when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU.
+    cpus_per_actor, load_cpus: CPUs reserved per model actor and per fetch/decode task (fractions
+      let a small node run both stages: Ray Data waits forever for a CPU it cannot get).
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    load_cpus: float = 0.25
+
+    def resources(self, cluster: dict[str, float]) -> tuple[int, float, float]:
+        """(actors, gpus per actor, cpus per actor) for a cluster's total resources."""
+        gpus = float(cluster.get("GPU", 0.0))
+        per_gpu = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if self.actors is not None:
+            actors = self.actors
+        elif per_gpu > 0:
+            actors = max(int(gpus / per_gpu), 1)
+        else:
+            actors = 1
+        return actors, per_gpu, self.cpus_per_actor
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS] and the actor options, shared by `hybridgl evaluate` and `backend.preannotate`."""
+    g = parser.add_argument_group("Ray (pip install 'hybridgl[ray]')")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: no ADDRESS starts a local cluster, 'auto' joins the running one, "
+                        "HOST:PORT or ray://HOST:10001 joins that one")
+    g.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="model actors (default: one per GPU of the cluster, else 1)")
+    g.add_argument("--ray-gpus-per-actor", type=float, default=None, metavar="G",
+                   help="GPUs per model actor (default 1 with GPUs, else 0; 0.5: two actors per GPU)")
+    g.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
+                   help="CPUs reserved per model actor (default 1)")
+
+
+def options_from_args(args: argparse.Namespace) -> RayOptions | None:
+    """The RayOptions of the command line, or None without --ray. Raises ValueError on bad values."""
+    if getattr(args, "ray", None) is None:
+        return None
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise ValueError("--ray-actors must be at least 1")
+    if (args.ray_gpus_per_actor or 0) < 0 or args.ray_cpus_per_actor < 0:
+        raise ValueError("--ray-gpus-per-actor and --ray-cpus-per-actor must not be negative")
+    return RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+                      gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailable("--ray needs Ray: pip install 'hybridgl[ray]' (or -r requirements-ray.txt)") from exc
+    return ray
+
+
+@contextlib.contextmanager
+def cluster(options: RayOptions) -> Iterator[dict[str, float]]:
+    """Connected to Ray for the block (yields the cluster's resources). Reuses a connection that
+    is already open; otherwise connects (or starts a local cluster) and disconnects at the end."""
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
+                     configure_logging=False)
+        except ConnectionError as exc:
+            raise RayUnavailable(f"cannot reach the Ray cluster at {options.address}: {exc}") from exc
+        started = True
+    try:
+        yield dict(ray.cluster_resources())
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass
+class Result:
+    """What came back for items[index]: `value` from `work`, or `error` ("kind: message")."""
+
+    index: int
+    value: Any = None
+    error: str | None = None
+    worker: int | None = None  # PID of the actor process that produced it
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error leaves the process's device context unusable: the actor must be replaced."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory"))
+
+
+def _actor_options() -> dict:
+    """A dead actor is replaced, and its in-flight items retried, at most RETRIES times each."""
+    return {"max_restarts": -1, "max_task_retries": RETRIES}
+
+
+class _Load:
+    """Ray Data stage 1 (plain tasks): item -> item + what `load` made of it (or why it failed)."""
+
+    def __init__(self, load: Callable[[Any], Any]):
+        self.load = load
+
+    def __call__(self, row: dict) -> dict:
+        item = pickle.loads(row["item"])
+        try:
+            loaded, error = self.load(item), None
+        except Exception as exc:  # noqa: BLE001 - the item's problem, reported with it
+            loaded, error = None, f"load: {type(exc).__name__}: {exc}"
+        return {"index": row["index"], "item": row["item"], "loaded": pickle.dumps(loaded), "error": error or ""}
+
+
+class _Worker:
+    """Ray Data stage 2 (one actor each): builds the model once, then `work` per item."""
+
+    def __init__(self, factory: Callable[[], Any], work: Callable[[Any, Any, Any], Any]):
+        self.model, self.work, self.pid = factory(), work, os.getpid()
+
+    def __call__(self, row: dict) -> dict:
+        value, error = None, row["error"] or None
+        if error is None:
+            try:
+                value = self.work(self.model, pickle.loads(row["item"]), pickle.loads(row["loaded"]))
+            except Exception as exc:  # noqa: BLE001
+                if _is_device_failure(exc):
+                    log.error("device failure in actor %d (%s): exiting so Ray restarts it and retries", self.pid, exc)
+                    os._exit(1)
+                error = f"internal: {type(exc).__name__}: {exc}"
+        return {"index": row["index"], "value": pickle.dumps(value), "error": error or "", "worker": self.pid}
+
+
+def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Callable[[], Any],
+                work: Callable[[Any, Any, Any], Any], options: RayOptions) -> Iterator[Result]:
+    """One Result per item, in completion order, computed on the connected Ray cluster (see `cluster`).
+
+    load(item) -> loaded runs in Ray tasks; work(model, item, loaded) in the actor pool, with
+    model = factory() built once per actor. All three must be picklable (cloudpickle: closures
+    are fine). Items whose actor died more than RETRIES times, or whose load/work raised, come
+    back with `error` set; none is dropped and none comes back twice.
+    """
+    ray = _ray()
+    import ray.data
+
+    if not items:
+        return
+    actors, gpus, cpus = options.resources(ray.cluster_resources())
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows its own progress, with ETA
+    ctx.print_on_execution_start = False
+    ctx.max_errored_blocks = len(items)  # an item whose retries ran out is reported, not fatal
+    # rows carry pickled Python objects: Ray Data never has to infer Arrow types for ragged images
+    ds = ray.data.from_items([{"index": i, "item": pickle.dumps(x)} for i, x in enumerate(items)],
+                             override_num_blocks=len(items))
+    ds = ds.map(_Load(load), num_cpus=options.load_cpus)
+    ds = ds.map(_Worker, fn_constructor_args=(factory, work), compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=_actor_options)
+    log.info("Ray: %d model actors (%g GPU, %g CPU each) for %d items", actors, gpus, cpus, len(items))
+    seen: set[int] = set()
+    for row in ds.iter_rows():
+        index = int(row["index"])
+        if index in seen:  # a retried item whose first result already arrived
+            continue
+        seen.add(index)
+        yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
+    for index in range(len(items)):
+        if index not in seen:
+            yield Result(index, error=f"lost: no result after {RETRIES + 1} attempts (the actor kept dying)")
+
+
+def probe(factory: Callable[[], Any], fn: Callable[[Any], Any], options: RayOptions, timeout: float = 1800) -> Any:
+    """fn(factory()) in one Ray task with a model actor's resources: what the driver needs to know
+    about the workers' model (its version, on the workers' device) without loading it itself."""
+    ray = _ray()
+    _, gpus, cpus = options.resources(ray.cluster_resources())
+
+    @ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=RETRIES)
+    def _probe():
+        return pickle.dumps(fn(factory()))
+
+    try:
+        return pickle.loads(ray.get(_probe.remote(), timeout=timeout))
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RayUnavailable(f"no worker loaded the model within {timeout:.0f} s (does the cluster have the "
+                             f"resources of one actor: {gpus:g} GPU, {cpus:g} CPU?)") from exc

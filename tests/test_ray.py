@@ -1,0 +1,253 @@
+"""`hybridgl evaluate --ray` on a local Ray cluster (127.0.0.1, started and stopped here), tiny models.
+
+The Ray run must write the same lines as the single-process run, survive the death of a model
+actor without losing or repeating a line, and add nothing when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures.evaluation import minidata
+
+if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":  # CI installs the extra: a missing Ray is a failure there
+    import ray
+else:
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (bash scripts/setup.sh --ray)")
+
+from hybridgl import distributed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ["the red block on the left", "blue square at the bottom", "big green box", "the thing in the middle",
+             "the small one on the right"]
+N_IMAGES = 10
+MISSING_IMAGE = 4  # its file is deleted: its lines say why, the others are unaffected
+
+
+def make_refer_many(root: Path, n: int = N_IMAGES) -> tuple[Path, Path]:
+    """A refer-layout RefCOCO val split of n images, 2 objects and 3 expressions each."""
+    rng = np.random.default_rng(7)
+    images_dir = root / "train2014"
+    images_dir.mkdir(parents=True)
+    (root / "refcoco").mkdir()
+    images, anns, refs = [], [], []
+    for image_id in range(1, n + 1):
+        h, w = int(rng.integers(30, 50)), int(rng.integers(30, 50))
+        img = rng.integers(90, 140, (h, w, 3)).astype(np.uint8)
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        for k in range(2):
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))
+            img[y0:y1, x0:x1] = [(220, 30, 30), (30, 30, 220)][k]
+            ann_id = image_id * 10 + k
+            anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                         "segmentation": [minidata.rect_poly(x0, y0, x1, y1)], "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            sents = [(ann_id * 10 + j, SENTENCES[(image_id + k + j) % len(SENTENCES)]) for j in range(2 - k)]
+            refs.append({"ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "split": "val", "category_id": 1,
+                         "file_name": name, "sent_ids": [s for s, _ in sents],
+                         "sentences": [{"sent_id": s, "raw": r, "sent": r, "tokens": r.split()} for s, r in sents]})
+        Image.fromarray(img).save(images_dir / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+    import pickle
+
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    (root / "refcoco" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    (images_dir / f"COCO_train2014_{MISSING_IMAGE:012d}.jpg").unlink()
+    return root, images_dir
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray cluster on 127.0.0.1 for this module (2 CPUs, small object store), stopped at the end.
+    Its workers import the tests' tiny models, so PYTHONPATH holds the tests folder."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([old] if old else []))
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The mini dataset, the model options, and the single-process run's lines (the reference)."""
+    from tiny_models import PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
+
+    work = tmp_path_factory.mktemp("ray-eval")
+    root, images = make_refer_many(work / "data")
+    checkpoint = save_tiny_sam(work / "tiny_sam.pth")
+    sets = [a for k, v in PERMISSIVE.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    common = ["--dataset", "refcoco", "--split", "val", "--data-root", str(root), "--coco-images", str(images),
+              "--no-progress", "--no-plots", "--clip", str(TINY_CLIP_DIR), "--sam", "tiny_models:build_tiny_sam",
+              "--sam-checkpoint", str(checkpoint), "--parser", "rules", "--device", "cpu", *sets]
+    r = run_cli(*common, "--out", "single", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work, common, lines_by_id(work / "single" / "predictions.jsonl")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # one torch thread, as in Ray's fractional-CPU actors: the same float reductions, bit for bit
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hybridgl", "evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def lines_by_id(path: Path) -> dict[int, dict]:
+    """sent_id -> line; fails on a repeated sent_id (a line written twice)."""
+    out: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["sent_id"] not in out, f"sent_id {rec['sent_id']} written twice"
+        out[rec["sent_id"]] = rec
+    return out
+
+
+def test_reference_run_has_the_failed_image(setup):
+    _, _, reference = setup
+    failed = [r for r in reference.values() if (r["reason"] or "").startswith("error:")]
+    assert len(reference) == 3 * N_IMAGES and len(failed) == 3
+    assert all(r["image_id"] == MISSING_IMAGE and "FileNotFoundError" in r["reason"] for r in failed)
+
+
+def test_ray_run_equals_single_process_and_rerun_adds_nothing(setup, ray_address):
+    work, common, reference = setup
+    ray_args = ["--ray", ray_address, "--ray-actors", "2", "--ray-cpus-per-actor", "0.5"]
+    r = run_cli(*common, *ray_args, "--out", "ray", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Ray: 2 model actors" in r.stderr and "oIoU" in r.stdout
+    assert lines_by_id(work / "ray" / "predictions.jsonl") == reference  # masks, scores, IoUs, reasons
+    single = json.loads((work / "single" / "metrics.json").read_text())
+    metrics = json.loads((work / "ray" / "metrics.json").read_text())
+    assert (metrics["oIoU"], metrics["mIoU"], metrics["n"]) == (single["oIoU"], single["mIoU"], single["n"])
+    assert metrics["model_version"] == single["model_version"]  # the workers' model is the driver's
+    assert metrics["run"]["images_prepared"] == N_IMAGES - 1 and metrics["run"]["ray"]["actors"] == 2
+
+    # again, with the missing image back: only its 3 expressions are computed, nothing else is added
+    images = work / "images-fixed"
+    shutil.copytree(common[common.index("--coco-images") + 1], images)
+    name = f"COCO_train2014_{MISSING_IMAGE:012d}.jpg"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(images / name)
+    fixed = [images if a == common[common.index("--coco-images") + 1] else a for a in common]
+    r = run_cli(*map(str, fixed), *ray_args, "--out", "ray", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((work / "ray" / "metrics.json").read_text())
+    assert metrics["run"]["resumed_from"] == len(reference) - 3 and metrics["run"]["images_prepared"] == 1
+    assert metrics["run"]["expressions_segmented"] == 3 and metrics["errors"] == 0 and metrics["n"] == len(reference)
+    lines = [json.loads(line) for line in (work / "ray" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == len(reference) + 3  # the failed image's lines again, nothing else
+    assert sorted(r["sent_id"] for r in lines[-3:]) == sorted(k for k, v in reference.items() if v["reason"]
+                                                               and v["reason"].startswith("error:"))
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def model_actor_pids() -> list[int]:
+    """Processes of this test's Ray cluster (its descendants) that run a model actor."""
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "_Worker" in cmd and "ray::" in cmd:
+            pids.append(pid)
+    return pids
+
+
+def test_killing_a_model_actor_mid_run_loses_and_repeats_nothing(setup, ray_address, tmp_path):
+    from hybridgl.evaluation import cli as evaluation_cli
+    from hybridgl.evaluation import ray_runner
+    from hybridgl.evaluation.datasets import load_refer
+
+    work, common, reference = setup
+    parser = argparse.ArgumentParser()
+    evaluation_cli.add_arguments(parser)
+    args = parser.parse_args([*common, "--out", str(tmp_path / "run")])
+    dataset = load_refer(args.data_root, "refcoco", "val", coco_images=args.coco_images)
+    pred_path = tmp_path / "run" / "predictions.jsonl"
+    killed: list[int] = []
+
+    def kill_one_actor_after_the_first_line() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if pred_path.is_file() and pred_path.stat().st_size > 0:
+                pids = model_actor_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_actor_after_the_first_line, daemon=True)
+    killer.start()
+    options = distributed.RayOptions(actors=2, cpus_per_actor=0.5)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver's ground truths only; the models run in the actors
+    try:
+        metrics = ray_runner.evaluate_on_ray(args, dataset, tmp_path / "run", options, progress=False, plots=False)
+    finally:
+        torch.set_num_threads(threads)
+    killer.join(timeout=10)
+    assert killed, "no model actor process was found to kill"
+    assert lines_by_id(pred_path) == reference  # every line exactly once, as computed single-process
+    assert metrics["n"] == len(reference)
+
+
+def test_actor_count_follows_the_cluster():
+    assert distributed.RayOptions().resources({"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 1.0)  # one per GPU
+    assert distributed.RayOptions(gpus_per_actor=0.5).resources({"GPU": 2.0})[:2] == (4, 0.5)  # two per GPU
+    assert distributed.RayOptions().resources({"CPU": 16.0}) == (1, 0.0, 1.0)  # CPU-only: one, unless told
+    assert distributed.RayOptions(actors=3, cpus_per_actor=0.5).resources({"CPU": 2.0}) == (3, 0.0, 0.5)
+    parser = argparse.ArgumentParser()
+    distributed.add_ray_arguments(parser)
+    assert distributed.options_from_args(parser.parse_args([])) is None  # without --ray nothing changes
+    assert distributed.options_from_args(parser.parse_args(["--ray"])).address is None  # a local cluster
+    assert distributed.options_from_args(parser.parse_args(["--ray", "auto", "--ray-actors", "2"])) == \
+        distributed.RayOptions(address="auto", actors=2)
+    with pytest.raises(ValueError, match="--ray-actors"):
+        distributed.options_from_args(parser.parse_args(["--ray", "--ray-actors", "0"]))
+
+
+def test_device_failures_end_the_actor_other_errors_stay_per_item():
+    assert distributed._is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert distributed._is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not distributed._is_device_failure(ValueError("image is truncated"))
