@@ -22,6 +22,7 @@ FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=
 ARG PREFETCH_WEIGHTS=0
+ARG WITH_RAY=0
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -50,6 +51,10 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         && rm /tmp/torch.txt; \
     fi \
     && pip install -r requirements.txt
+
+# Optional Ray (the compose file's "ray" profile builds with WITH_RAY=1): the plain backend stays lean.
+COPY requirements-ray.txt ./
+RUN if [ "$WITH_RAY" = "1" ]; then pip install -r requirements-ray.txt; fi
 
 COPY hybridgl ./hybridgl
 COPY backend ./backend

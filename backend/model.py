@@ -227,16 +227,7 @@ class HybridGLBackend:
         return unique or [env]
 
     def fetch(self, url: str, task_id: Any, connections: Sequence[LabelStudioConnection] | None = None) -> bytes:
-        """The image bytes, trying each Label Studio connection while the failure is about reaching it."""
-        connections = list(connections or self.connections_for())
-        for i, conn in enumerate(connections):
-            try:
-                return self.fetcher.fetch(url, task_id, conn)
-            except TaskError as exc:
-                if exc.kind not in ("unreachable", "auth", "no_label_studio") or i == len(connections) - 1:
-                    raise
-                log.info("task %s: %s; trying %s", task_id, exc, connections[i + 1].url)
-        raise TaskError("no_label_studio", "no Label Studio connection")
+        return fetch_image(self.fetcher, url, task_id, list(connections or self.connections_for()))
 
     # -- the reusable path --------------------------------------------------------------------------
     def predict_tasks(self, tasks: Sequence[dict], interface: Interface, context: dict | None = None,
@@ -393,6 +384,18 @@ class HybridGLBackend:
         finally:
             with self._state_lock:
                 self.busy -= 1
+
+def fetch_image(fetcher: ImageFetcher, url: str, task_id: Any, connections: Sequence[LabelStudioConnection]) -> bytes:
+    """The image bytes, trying each Label Studio connection while the failure is about reaching it."""
+    for i, conn in enumerate(connections):
+        try:
+            return fetcher.fetch(url, task_id, conn)
+        except TaskError as exc:
+            if exc.kind not in ("unreachable", "auth", "no_label_studio") or i == len(connections) - 1:
+                raise
+            log.info("task %s: %s; trying %s", task_id, exc, connections[i + 1].url)
+    raise TaskError("no_label_studio", "no Label Studio connection")
+
 
 def view_bytes(view: PreparedView) -> int:
     """Memory a prepared view holds (image, masks on the host and, once used, on the device, features)."""

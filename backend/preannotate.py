@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from_args
+
 from .labeling import Interface, TaskError, parse_config
 from .reconnect import CONNECTION_KINDS, LabelStudioGone, Reconnect, is_connection_error, label_studio_up
 from .settings import Settings, SettingsError
@@ -193,11 +195,13 @@ def already_posted(ls, task_id: int, model_version: str) -> bool:
 
 def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
         progress: bool = True, out=sys.stdout, set_version: bool = True, sampling: str | None = None,
-        unreviewed: bool = False, retry_for: float = 300.0) -> Summary:
+        unreviewed: bool = False, retry_for: float = 300.0, predict=None) -> Summary:
     """Pre-annotate `project` with `backend` (a HybridGLBackend) through `ls` (a label_studio_sdk client),
     then make it ready for review (see `ready_for_review`; set_version=False leaves its version alone).
     unreviewed: leave the tasks a person annotated alone (re-predicting after `hybridgl tune`).
-    retry_for: seconds to wait for a Label Studio that stopped answering before giving up (Summary.gone)."""
+    retry_for: seconds to wait for a Label Studio that stopped answering before giving up (Summary.gone).
+    predict(tasks, interface) -> iterator of (task, TaskOutcome), in any order: where the model runs
+    (default: `backend.predict_task` in this process; `--ray`: ray_preannotate.RayBackend.predict_stream)."""
     from tqdm import tqdm
 
     started = time.time()
@@ -263,14 +267,20 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
 
     processed = 0
     misses_before = backend.counters.snapshot().get("cache.misses", 0)
-    try:
-        for task in todo:
+
+    def predict_here(tasks: list[dict], interface: Interface) -> Iterator[tuple[dict, Any]]:
+        for task in tasks:
             while True:  # a task failing because Label Studio is away is retried once it is back
                 outcome = backend.predict_task(task, interface,
                                                fetch=lambda url, tid: backend.fetch(url, tid, connections))
                 if outcome.ok or outcome.error.kind not in CONNECTION_KINDS or reconnect.up():
                     break
                 reconnect.until_back()
+            yield task, outcome
+
+    outcomes = (predict or predict_here)(todo, interface)
+    try:
+        for task, outcome in outcomes:
             data = task.get("data") if isinstance(task.get("data"), dict) else {}
             image = str(data.get(interface.image_field, ""))
             expression = outcome.expression or str(data.get(interface.text_field, "") if interface.text_field else "")
@@ -427,11 +437,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "stopping with exit status 3 (default 300)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    add_ray_arguments(ap)
     args = ap.parse_args(argv)
     if args.batch < 1:
         ap.error("--batch must be at least 1")
     if args.limit is not None and args.limit < 0:
         ap.error("--limit must not be negative")
+    try:
+        args.ray_options = options_from_args(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
 
 
@@ -464,6 +479,13 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         parse_config(_as_dict(ls.projects.get(id=args.project)).get("label_config"))  # before loading models
+        run_options = dict(batch=args.batch, limit=args.limit, report=args.report, progress=not args.no_progress,
+                           set_version=not args.keep_project_version, sampling=args.sampling,
+                           unreviewed=args.unreviewed, retry_for=args.retry_for)
+        if args.ray_options is not None:  # the models load on the Ray workers, not in this process
+            from .ray_preannotate import run_on_ray
+
+            return _exit_status(run_on_ray(settings, args.ray_options, ls, args.project, **run_options), args.json)
         if backend is None:
             from ._wsgi import load_backend
 
@@ -473,13 +495,14 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
 
             backend.settings = settings
             backend.fetcher = ImageFetcher(settings)
-        summary = run(backend, ls, args.project, batch=args.batch, limit=args.limit, report=args.report,
-                      progress=not args.no_progress, set_version=not args.keep_project_version,
-                      sampling=args.sampling, unreviewed=args.unreviewed, retry_for=args.retry_for)
+        summary = run(backend, ls, args.project, **run_options)
     except TaskError as exc:
         print(f"error: project {args.project}: {exc}", file=sys.stderr)
         return 2
     except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RayUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -502,7 +525,11 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
             print(f"error: Label Studio at {url}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 2
         raise
-    if args.json:
+    return _exit_status(summary, args.json)
+
+
+def _exit_status(summary: Summary, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(summary.to_dict()))
     if summary.interrupted:
         return 130

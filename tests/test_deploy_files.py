@@ -113,6 +113,27 @@ def test_cpu_override_drops_the_gpu():
     assert int(re.search(r":-(\d+)\}", timeout).group(1)) >= 300
 
 
+def test_compose_ray_profile():
+    doc = compose("docker-compose.yml")
+    head, worker = doc["services"]["ray-head"], doc["services"]["ray-worker"]
+    assert head["profiles"] == worker["profiles"] == ["ray"]  # a plain `docker compose up` starts no Ray
+    assert all("profiles" not in doc["services"][name] for name in ("label-studio", "backend"))
+    # one image for head and workers: the backend's, built with Ray, under its own tag
+    assert head["image"] == worker["image"] != doc["services"]["backend"]["image"]
+    assert head["build"] == {"context": ".", "args": {"WITH_RAY": "1"}} and "build" not in worker
+    assert head["command"][:3] == ["ray", "start", "--head"] and head["command"][-1] == "--block"
+    assert "--num-gpus=0" in head["command"] and "deploy" not in head  # the model actors go to the workers
+    port = re.search(r"--port=(\d+)", " ".join(head["command"])).group(1)
+    assert worker["command"] == ["ray", "start", f"--address=ray-head:{port}", "--block"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    for service in (head, worker):
+        env = env_of(service)
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+        assert env["MODEL_DIR"] == "/data/models" and "models:/data/models" in service["volumes"]
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080" and service["shm_size"]
+
+
 def compose_variables() -> set[str]:
     text = (ROOT / "docker-compose.yml").read_text() + (ROOT / "docker-compose.cpu.yml").read_text()
     return set(re.findall(r"\$\{(\w+)", text))
@@ -165,6 +186,14 @@ def test_dockerfile():
     assert "--start-period=" in health and re.search(r"CMD .*http://127\.0\.0\.1:\$\{PORT:-9090\}/health", health)
     assert instructions("CMD") == ['["bash", "/app/docker/start.sh"]']
 
+
+
+def test_dockerfile_installs_ray_only_when_asked():
+    assert "WITH_RAY=0" in instructions("ARG")
+    (ray_run,) = [r for r in instructions("RUN") if "requirements-ray.txt" in r]
+    assert ray_run.startswith('if [ "$WITH_RAY" = "1" ]; then pip install -r requirements-ray.txt')
+    assert "requirements-ray.txt ./" in instructions("COPY")
+    assert re.search(r"^ray\[data\]==", (ROOT / "requirements-ray.txt").read_text(), re.M)
 
 
 def test_dockerfile_lint():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import signal
@@ -22,13 +21,9 @@ import pytest
 from PIL import Image
 
 from fixtures.evaluation import minidata
+from ray_local import model_actor_pids, ray_address  # noqa: F401 (ray_address: a fixture)
 
-if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":  # CI installs the extra: a missing Ray is a failure there
-    import ray
-else:
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (bash scripts/setup.sh --ray)")
-
-from hybridgl import distributed  # noqa: E402
+from hybridgl import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["the red block on the left", "blue square at the bottom", "big green box", "the thing in the middle",
@@ -69,24 +64,6 @@ def make_refer_many(root: Path, n: int = N_IMAGES) -> tuple[Path, Path]:
         {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
     (images_dir / f"COCO_train2014_{MISSING_IMAGE:012d}.jpg").unlink()
     return root, images_dir
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """A local Ray cluster on 127.0.0.1 for this module (2 CPUs, small object store), stopped at the end.
-    Its workers import the tests' tiny models, so PYTHONPATH holds the tests folder."""
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([old] if old else []))
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 @pytest.fixture(scope="module")
@@ -159,36 +136,6 @@ def test_ray_run_equals_single_process_and_rerun_adds_nothing(setup, ray_address
     assert len(lines) == len(reference) + 3  # the failed image's lines again, nothing else
     assert sorted(r["sent_id"] for r in lines[-3:]) == sorted(k for k, v in reference.items() if v["reason"]
                                                                and v["reason"].startswith("error:"))
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def model_actor_pids() -> list[int]:
-    """Processes of this test's Ray cluster (its descendants) that run a model actor."""
-    pids = []
-    for pid in _descendants(os.getpid()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "_Worker" in cmd and "ray::" in cmd:
-            pids.append(pid)
-    return pids
 
 
 def test_killing_a_model_actor_mid_run_loses_and_repeats_nothing(setup, ray_address, tmp_path):

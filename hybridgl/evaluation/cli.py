@@ -169,41 +169,26 @@ def main(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args)  # fail on a bad layout before loading any model
     if args.ablation:
         args.set = [f"{k}={json.dumps(v)}" for k, v in ABLATIONS[args.ablation].items()] + list(args.set or [])
-    from hybridgl.distributed import options_from_args
+    from hybridgl.distributed import RayUnavailable, options_from_args
 
     ray_options = options_from_args(args)
-    if ray_options is not None:
-        return _evaluate_on_ray(args, dataset, ray_options, targets, plots)
-    from hybridgl.cli import load_model
-
-    model = load_model(args, need_sam=True)
-    proposals_fn = runner.ProposalCache(args.proposals_cache, model) if args.proposals_cache else None
     out_dir = Path(args.out)
-    print(f"{dataset.name} {dataset.split}: {len(dataset)} expressions on {dataset.num_images} images; "
-          f"model {model.model_version} on {model.device}", file=sys.stderr)
+    run_options = dict(progress=not args.no_progress, overwrite=args.overwrite, good_iou=args.good_iou,
+                       targets=targets, plots=plots)
     try:
-        metrics = runner.evaluate_model(model, dataset, out_dir, proposals_fn=proposals_fn,
-                                        progress=not args.no_progress, overwrite=args.overwrite,
-                                        good_iou=args.good_iou, targets=targets, plots=plots)
-    except runner.ResumeError as exc:
-        raise _usage_error(str(exc)) from exc
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the same command continues from {out_dir / runner.PREDICTIONS}", file=sys.stderr)
-        raise
-    _print_result(metrics, out_dir)
-    return 0
+        if ray_options is not None:  # the models load on the Ray workers
+            from . import ray_runner
 
+            metrics = ray_runner.evaluate_on_ray(args, dataset, out_dir, ray_options,
+                                                 proposals_cache=args.proposals_cache, **run_options)
+        else:
+            from hybridgl.cli import load_model
 
-def _evaluate_on_ray(args, dataset, options, targets, plots) -> int:
-    from hybridgl.distributed import RayUnavailable
-
-    from . import ray_runner, runner
-
-    out_dir = Path(args.out)
-    try:
-        metrics = ray_runner.evaluate_on_ray(args, dataset, out_dir, options, proposals_cache=args.proposals_cache,
-                                             progress=not args.no_progress, overwrite=args.overwrite,
-                                             good_iou=args.good_iou, targets=targets, plots=plots)
+            model = load_model(args, need_sam=True)
+            proposals_fn = runner.ProposalCache(args.proposals_cache, model) if args.proposals_cache else None
+            print(f"{dataset.name} {dataset.split}: {len(dataset)} expressions on {dataset.num_images} images; "
+                  f"model {model.model_version} on {model.device}", file=sys.stderr)
+            metrics = runner.evaluate_model(model, dataset, out_dir, proposals_fn=proposals_fn, **run_options)
     except (runner.ResumeError, RayUnavailable) as exc:
         raise _usage_error(str(exc)) from exc
     except KeyboardInterrupt:
