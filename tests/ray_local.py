@@ -36,6 +36,12 @@ def ray_address():
             os.environ["PYTHONPATH"] = old
 
 
+def driver_environment(env: dict) -> dict:
+    """`env` plus this process's Ray variables: a driver joining the cluster needs its auth mode
+    (RAY_AUTH_MODE=token, set by ray.init here; the token is in ~/.ray/auth_token)."""
+    return {**env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

@@ -198,3 +198,45 @@ def test_device_failures_end_the_actor_other_errors_stay_per_item():
     assert distributed._is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert distributed._is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not distributed._is_device_failure(ValueError("image is truncated"))
+
+
+def _times_ten(model, item: int, loaded: int) -> int:
+    if item == 3:
+        os._exit(1)  # this item kills every actor that takes it
+    return loaded * 10
+
+
+def _cuda_error_once(marker: str, model, item: int, loaded: int) -> int:
+    if item == 2 and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    if item == 4:
+        raise ValueError("bad input")
+    return loaded * 10
+
+
+def _identity(item):
+    return item
+
+
+def test_an_item_that_keeps_killing_its_actor_is_reported_and_the_rest_done(ray_address):
+    options = distributed.RayOptions(actors=2, cpus_per_actor=0.5)
+    results = list(distributed.run_grouped(list(range(6)), _identity, lambda: None, _times_ten, options))
+    assert sorted(r.index for r in results) == list(range(6))  # each item exactly once
+    by_index = {r.index: r for r in results}
+    assert by_index[3].value is None and by_index[3].error.startswith("lost:")
+    assert {i: r.value for i, r in by_index.items() if i != 3} == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
+
+
+def test_a_cuda_error_replaces_the_actor_and_redoes_the_item(ray_address, tmp_path):
+    from functools import partial
+
+    marker = str(tmp_path / "failed-once")
+    options = distributed.RayOptions(actors=2, cpus_per_actor=0.5)
+    results = list(distributed.run_grouped(list(range(6)), _identity, lambda: None,
+                                           partial(_cuda_error_once, marker), options))
+    assert os.path.exists(marker)  # the device failure happened, the actor process ended ...
+    by_index = {r.index: r for r in results}
+    assert len(results) == 6 and by_index[2].value == 20 and by_index[2].error is None  # ... and item 2 was redone
+    assert by_index[4].error == "internal: ValueError: bad input"  # an ordinary error stays with its item
+    assert {i: r.value for i, r in by_index.items() if i not in (2, 4)} == {0: 0, 1: 10, 3: 30, 5: 50}
