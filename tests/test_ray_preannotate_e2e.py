@@ -8,6 +8,7 @@ actor is killed mid-run.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -19,6 +20,19 @@ from test_preannotate_e2e import new_project, preannotate, predictions_by_task, 
 pytestmark = pytest.mark.e2e
 
 RAY = ["--ray-actors", "2", "--ray-cpus-per-actor", "0.5"]
+
+
+def preannotate_on_ray(ls, env: dict, project: int, *extra: str, timeout: float = 900):
+    """The command with --ray: besides the run, it starts 2 actors and asks a worker for the version,
+    each loading the models (slow on a busy 2-core machine)."""
+    proc = preannotate(ls, env, project, *extra, wait=False)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
 
 
 def masks_and_scores(ls, project: int, tasks: list[int]) -> list[tuple]:
@@ -41,19 +55,20 @@ def test_ray_run_posts_what_the_single_process_run_posts(stack, ray_address):
     expected = summary_of(out)
 
     project, good, bad = new_project(ls)
-    rc, out, err = preannotate(ls, env, project, "--batch", "4", "--ray", ray_address, *RAY)
+    rc, out, err = preannotate_on_ray(ls, env, project, "--batch", "4", "--ray", ray_address, *RAY)
     assert rc == 1, err[-3000:]  # the two broken tasks failed, as single-process
     s = summary_of(out)
     for key in ("model_version", "total", "done", "predictions", "skipped", "failed", "failed_by_kind",
                 "prepared_images"):
         assert s[key] == expected[key], (key, s, expected)
     assert s["prepared_images"] == 5  # one SAM pass per image, on whichever actor
-    assert [s["failures"][str(t)].replace(f"/upload/{project}/", "/upload/P/") for t in bad] == \
-        [expected["failures"][str(t)].replace(f"/upload/{single}/", "/upload/P/") for t in bad_single]
+    # the same reasons, up to the numbers (task and project ids, ports) of the other project
+    assert [re.sub(r"\d+", "N", s["failures"][str(t)]) for t in bad] == \
+        [re.sub(r"\d+", "N", expected["failures"][str(t)]) for t in bad_single]
     assert "ETA" in err or "task/s" in err or "s/task" in err  # the driver's progress bar
     assert masks_and_scores(ls, project, good) == masks_and_scores(ls, single, good_single)
 
-    rc, out, err = preannotate(ls, env, project, "--no-progress", "--ray", ray_address, *RAY)
+    rc, out, err = preannotate_on_ray(ls, env, project, "--no-progress", "--ray", ray_address, *RAY)
     s = summary_of(out)  # a rerun posts nothing; only the broken tasks are tried (and fail) again
     assert (rc, s["done"], s["predictions"], s["skipped"], s["failed"], s["prepared_images"]) == (1, 0, 0, 20, 2, 0), s
     assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good}
@@ -66,7 +81,7 @@ def test_a_killed_model_actor_loses_and_repeats_nothing(stack, ray_address):
     proc = preannotate(ls, env, project, "--batch", "1", "--no-progress", "--ray", ray_address, *RAY, wait=False)
     killed = None
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None and killed is None:
             if ls.api("GET", f"/api/predictions?project={project}"):  # results are flowing: kill an actor
                 pids = model_actor_pids()
@@ -74,7 +89,7 @@ def test_a_killed_model_actor_loses_and_repeats_nothing(stack, ray_address):
                     os.kill(pids[0], signal.SIGKILL)
                     killed = pids[0]
             time.sleep(0.1)
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
