@@ -41,8 +41,8 @@ def masks_and_scores(ls, project: int, tasks: list[int]) -> list[tuple]:
     out = []
     for task in tasks:
         (pred,) = preds[task]
-        (region,) = pred["result"]
-        out.append((pred["model_version"], pred["score"], region["value"]["rle"], region["original_width"]))
+        regions = [(r["value"]["rle"], r["original_width"]) for r in pred["result"]]  # none for a failure
+        out.append((pred["model_version"], pred["score"], regions))
     return out
 
 
@@ -66,12 +66,12 @@ def test_ray_run_posts_what_the_single_process_run_posts(stack, ray_address):
     assert [re.sub(r"\d+", "N", s["failures"][str(t)]) for t in bad] == \
         [re.sub(r"\d+", "N", expected["failures"][str(t)]) for t in bad_single]
     assert "ETA" in err or "task/s" in err or "s/task" in err  # the driver's progress bar
-    assert masks_and_scores(ls, project, good) == masks_and_scores(ls, single, good_single)
+    assert masks_and_scores(ls, project, good + bad) == masks_and_scores(ls, single, good_single + bad_single)
 
     rc, out, err = preannotate_on_ray(ls, env, project, "--no-progress", "--ray", ray_address, *RAY)
-    s = summary_of(out)  # a rerun posts nothing; only the broken tasks are tried (and fail) again
-    assert (rc, s["done"], s["predictions"], s["skipped"], s["failed"], s["prepared_images"]) == (1, 0, 0, 20, 2, 0), s
-    assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good}
+    s = summary_of(out)  # a rerun posts nothing (the broken tasks hold their failure predictions)
+    assert (rc, s["done"], s["predictions"], s["skipped"], s["failed"], s["prepared_images"]) == (0, 0, 0, 22, 0, 0), s
+    assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good + bad}
 
 
 def test_a_killed_model_actor_loses_and_repeats_nothing(stack, ray_address):
