@@ -29,7 +29,7 @@ from .. import guidance
 from ..coherence import coherence_map, gem_tokens
 from ..config import HybridGLConfig
 from ..parsing import ParsedExpression
-from ..pipeline import to_rgb_array, weights_fingerprint
+from ..pipeline import PreparedView, to_rgb_array, weights_fingerprint
 from ..proposals import Proposals
 from ..text import encode_text, text_features
 from .space import SEARCHED, TEXT_SEARCHED
@@ -50,17 +50,25 @@ def prior_kind(direction: str, use_position_prior: bool, vertical_prior: bool) -
 
 @dataclass
 class ImageCandidates:
-    """masks bool [N,H,W]; boxes int64 [N,4] XYWH; quality float32 [N] (SAM's predicted IoU);
-    area float64 [N] (share of the image); features float32 [N,D] (hybrid features, CPU)."""
+    """masks bool [N,H,W] at the size the model worked at; boxes int64 [N,4] XYWH; quality float32
+    [N] (SAM's predicted IoU); area float64 [N] (share of the image); features float32 [N,D]
+    (hybrid features, CPU); original_size (H0, W0) when the pipeline downscaled the image."""
 
     masks: np.ndarray
     boxes: np.ndarray
     quality: np.ndarray
     area: np.ndarray
     features: np.ndarray
+    original_size: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
+
+    def output_masks(self):
+        """Each mask at the image's original size (as `Segmentation.mask`), one at a time."""
+        view = PreparedView(np.zeros((*self.masks.shape[1:], 3), np.uint8), Proposals(self.masks, self.boxes,
+                            self.quality), torch.from_numpy(self.features), None, self.original_size)
+        return (view.full_size(m) for m in self.masks)
 
 
 @dataclass
@@ -132,23 +140,26 @@ class CandidateCache:
             n, h, w = (int(v) for v in z["shape"])
             masks = np.unpackbits(z["masks"], count=n * h * w).reshape(n, h, w).astype(bool)
             self._tokens = (key, torch.from_numpy(z["tokens"]) if z["tokens"].size else None)
-            return key, ImageCandidates(masks, z["boxes"], z["quality"], z["area"], z["features"])
+            size0 = z.get("original_size", np.zeros(0))
+            original = tuple(int(v) for v in size0) if size0.size else None
+            return key, ImageCandidates(masks, z["boxes"], z["quality"], z["area"], z["features"], original)
         self.misses += 1
         model = self.model
+        if model.proposer is None:
+            raise ValueError(f"image {image_key}: the model has no SAM to propose masks")
         with torch.no_grad():
-            if model.proposer is None:
-                raise ValueError(f"image {image_key}: the model has no SAM to propose masks")
-            props: Proposals = model.proposer(rgb)
-            from ..hybrid_features import hybrid_features  # noqa: PLC0415
-
-            features = hybrid_features(model.clip, rgb, props.masks, self.config, model.device).float().cpu()
-            tokens = gem_tokens(model.clip, rgb, self.config, model.device).cpu()
+            view = model.prepare(rgb)  # the pipeline's own image pass (downscaling included)
+            tokens = view.tokens if view.tokens is not None else gem_tokens(model.clip, view.image, self.config,
+                                                                             model.device)
+            tokens = tokens.cpu()
+        props = view.proposals
         cand = ImageCandidates(props.masks, props.boxes_xywh.astype(np.int64), props.quality.astype(np.float32),
                                props.masks.mean(axis=(1, 2)) if len(props) else np.zeros(0),
-                               features.numpy())
+                               view.features.float().cpu().numpy(), view.original_size)
         self._save(key, {"shape": np.array(props.masks.shape, dtype=np.int64),
                          "masks": np.packbits(props.masks.ravel()), "boxes": cand.boxes, "quality": cand.quality,
-                         "area": cand.area, "features": cand.features, "tokens": tokens.numpy()})
+                         "area": cand.area, "features": cand.features, "tokens": tokens.numpy(),
+                         "original_size": np.array(view.original_size or (), dtype=np.int64)})
         self._tokens = (key, tokens)
         return key, cand
 

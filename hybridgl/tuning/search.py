@@ -38,15 +38,18 @@ class Item:
         return int(self.intersection[index]), int(self.union[index])
 
 
-def overlap_counts(masks: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel intersection and union of every proposal [N,H,W] with one mask [H,W]: int64 [N] each."""
+def overlap_counts(masks, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel intersection and union of every proposal (bool [H,W] each) with one mask [H,W]: int64 [N] each."""
     gt = np.asarray(gt, dtype=bool)
-    if masks.shape[1:] != gt.shape:
-        raise ValueError(f"the annotation is {gt.shape[1]}x{gt.shape[0]} but the image is "
-                         f"{masks.shape[2]}x{masks.shape[1]}")
-    inter = (masks & gt).sum(axis=(1, 2)).astype(np.int64)
-    union = masks.sum(axis=(1, 2)).astype(np.int64) + int(gt.sum()) - inter
-    return inter, union
+    inter, union = [], []
+    for m in masks:
+        if m.shape != gt.shape:
+            raise ValueError(f"the annotation is {gt.shape[1]}x{gt.shape[0]} but the image is "
+                             f"{m.shape[1]}x{m.shape[0]}")
+        i = int((m & gt).sum())
+        inter.append(i)
+        union.append(int(m.sum()) + int(gt.sum()) - i)
+    return np.array(inter, dtype=np.int64), np.array(union, dtype=np.int64)
 
 
 @dataclass

@@ -67,7 +67,7 @@ def prepare_items(model, images: Sequence[TuneImage], cache_dir: str | Path | No
         for s in im.samples:
             try:
                 gt = np.asarray(s.gt(), dtype=bool)
-                inter, union = search.overlap_counts(cand.masks, gt)
+                inter, union = search.overlap_counts(cand.output_masks(), gt)
                 expr = cache.expression(key, cand, s.expression)
                 items.append(search.Item(s.sample_id, im.image_id, cand, expr, inter, union, int(gt.sum())))
             except Exception as exc:  # noqa: BLE001
