@@ -66,7 +66,7 @@ def measure(actors: int, args) -> tuple[float, float]:
                                      gpus_per_actor=args.gpus_per_actor)
     factory = partial(build, args.real, args.device)
     load = partial(load_image, args.size)
-    warm = [(-1 - i, 1) for i in range(actors)]
+    warm = [(args.images + i, 1) for i in range(actors)]  # other images than the measured ones
     items = [(i, args.exprs) for i in range(args.images)]
     # one pipeline, so the actors (and their models) stay up: the clock starts at the first real item
     t0, done, exprs = None, 0, 0
