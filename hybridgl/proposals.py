@@ -13,15 +13,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
-from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
+from segment_anything.utils.amg import (batch_iterator, batched_mask_to_box, box_xyxy_to_xywh,
+                                        build_all_layer_point_grids, calculate_stability_score,
+                                        generate_crop_boxes, is_box_near_crop_edge, remove_small_regions,
+                                        uncrop_boxes_xyxy, uncrop_masks)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops.boxes import batched_nms, box_area
 
 from .config import HybridGLConfig
 
 log = logging.getLogger("hybridgl.proposals")
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
+# SamAutomaticMaskGenerator's defaults for the settings the method never changes.
+STABILITY_SCORE_OFFSET = 1.0
+CROP_NMS_THRESH = 0.7
+CROP_OVERLAP_RATIO = 512 / 1500
 
 
 @dataclass
@@ -75,32 +84,109 @@ def build_sam(model_type: str, checkpoint: str | Path | None,
 
 
 class MaskProposer:
-    """SAM's automatic mask generator with the method's settings, run on an RGB uint8 image."""
+    """SAM's automatic mask generation with the method's settings, run on an RGB uint8 image.
+
+    It returns exactly the masks, boxes and predicted IoUs of segment-anything's
+    `SamAutomaticMaskGenerator(output_mode="binary_mask")` in the same order (tested against
+    it), without its waste: the predicted-IoU filter runs on the low-resolution logits, so only
+    the surviving masks are upsampled to full resolution, and masks stay binary tensors instead
+    of going to run-length encoding and back (costly for the speckled masks of weak prompts).
+    """
 
     def __init__(self, sam: Sam, config: HybridGLConfig):
         self.sam = sam
-        self.generator = SamAutomaticMaskGenerator(
-            sam,
-            points_per_side=config.points_per_side,
-            points_per_batch=config.points_per_batch,
-            pred_iou_thresh=config.pred_iou_thresh,
-            stability_score_thresh=config.stability_score_thresh,
-            box_nms_thresh=config.box_nms_thresh,
-            crop_n_layers=config.crop_n_layers,
-            crop_n_points_downscale_factor=config.crop_n_points_downscale_factor,
-            min_mask_region_area=config.min_mask_region_area,
-            output_mode="binary_mask",
-        )
+        self.config = config
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.point_grids = build_all_layer_point_grids(config.points_per_side, config.crop_n_layers,
+                                                       config.crop_n_points_downscale_factor)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> Proposals:
         """image: uint8 [H,W,3] RGB -> Proposals (possibly empty)."""
         h, w = image.shape[:2]
-        records = self.generator.generate(image)
-        if not records:
+        cfg = self.config
+        crop_boxes, layer_idxs = generate_crop_boxes((h, w), cfg.crop_n_layers, CROP_OVERLAP_RATIO)
+        parts = [self._crop(image, box, layer) for box, layer in zip(crop_boxes, layer_idxs)]
+        masks = torch.cat([p[0] for p in parts])
+        boxes = torch.cat([p[1] for p in parts])
+        iou = torch.cat([p[2] for p in parts])
+        if len(crop_boxes) > 1:  # duplicates between crops: prefer masks from smaller crops
+            per_mask = torch.cat([torch.tensor([b] * len(p[0]), dtype=torch.int64).reshape(-1, 4)
+                                  for p, b in zip(parts, crop_boxes)])
+            keep = batched_nms(boxes.float(), 1 / box_area(per_mask), torch.zeros(len(boxes)),
+                               iou_threshold=CROP_NMS_THRESH)
+            masks, boxes, iou = masks[keep], boxes[keep], iou[keep]
+        masks = masks.cpu()
+        if cfg.min_mask_region_area > 0 and len(masks):
+            masks, boxes, iou = self._remove_small_regions(masks, iou)
+        if not len(masks):
             log.info("SAM proposed no mask for a %dx%d image", w, h)
             return Proposals.empty(h, w)
-        masks = np.stack([r["segmentation"] for r in records]).astype(bool)
-        boxes = np.array([r["bbox"] for r in records], dtype=np.int64)
-        quality = np.array([r["predicted_iou"] for r in records], dtype=np.float32)
-        return Proposals(masks, boxes, quality)
+        xywh = boxes.cpu().clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        return Proposals(masks.numpy(), xywh.numpy().astype(np.int64), iou.cpu().numpy().astype(np.float32))
+
+    def _embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 [h,w,3] -> SAM image embedding [1,C,64,64] and the resized input size (SamPredictor.set_image)."""
+        resized = torch.as_tensor(self.transform.apply_image(image), device=self.sam.device)
+        x = self.sam.preprocess(resized.permute(2, 0, 1).contiguous()[None])
+        return self.sam.image_encoder(x), tuple(resized.shape[:2])
+
+    def _crop(self, image: np.ndarray, crop_box: list[int], layer: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The masks of one crop in the image's frame: bool [n,H,W], boxes XYXY [n,4], predicted IoU [n]."""
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1]
+        crop_size = crop.shape[:2]
+        embedding, input_size = self._embed(crop)
+        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        parts = [self._batch(embedding, input_size, crop_size, batch, crop_box, image.shape[:2])
+                 for (batch,) in batch_iterator(self.config.points_per_batch, points)]
+        masks, boxes, iou = (torch.cat([p[i] for p in parts]) for i in range(3))
+        keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), iou_threshold=self.config.box_nms_thresh)
+        return masks[keep], uncrop_boxes_xyxy(boxes[keep], crop_box), iou[keep]
+
+    def _batch(self, embedding: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, ...],
+               points: np.ndarray, crop_box: list[int], image_size: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks of a batch of point prompts (3 per point) that pass the quality filters."""
+        cfg, sam = self.config, self.sam
+        coords = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=sam.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
+        sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=True)
+        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)  # [3B,256,256], [3B]
+        if cfg.pred_iou_thresh > 0.0:  # the filter needs no mask: drop before upsampling
+            keep = iou > cfg.pred_iou_thresh
+            low_res, iou = low_res[keep], iou[keep]
+        height, width = image_size
+        if not len(iou):
+            return (torch.zeros(0, height, width, dtype=torch.bool, device=iou.device),
+                    torch.zeros(0, 4, dtype=torch.int64, device=iou.device), iou)
+        logits = sam.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+        stability = calculate_stability_score(logits, sam.mask_threshold, STABILITY_SCORE_OFFSET)
+        if cfg.stability_score_thresh > 0.0:
+            keep = stability >= cfg.stability_score_thresh
+            logits, iou = logits[keep], iou[keep]
+        masks = logits > sam.mask_threshold
+        boxes = batched_mask_to_box(masks)
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
+        return uncrop_masks(masks[keep], crop_box, height, width), boxes[keep], iou[keep]
+
+    def _remove_small_regions(self, masks: torch.Tensor, iou: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fill small holes, drop small islands, then NMS preferring the masks that did not change."""
+        area = self.config.min_mask_region_area
+        cleaned, unchanged = [], []
+        for mask in masks.numpy():
+            mask, holes = remove_small_regions(mask, area, mode="holes")
+            mask, islands = remove_small_regions(mask, area, mode="islands")
+            cleaned.append(torch.from_numpy(np.ascontiguousarray(mask)))
+            unchanged.append(float(not (holes or islands)))
+        masks = torch.stack(cleaned)
+        boxes = batched_mask_to_box(masks)
+        keep = batched_nms(boxes.float(), torch.as_tensor(unchanged), torch.zeros(len(boxes)),
+                           iou_threshold=max(self.config.box_nms_thresh, CROP_NMS_THRESH))
+        return masks[keep], boxes[keep], iou.cpu()[keep]

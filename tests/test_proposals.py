@@ -1,0 +1,71 @@
+"""Our mask generator against segment-anything's own SamAutomaticMaskGenerator on the same inputs.
+
+The tiny random SAM's logits hover near 0; its hypernetwork outputs are scaled so that
+masks have non-zero stability scores and every filter (predicted IoU, stability, crop edges,
+NMS, small regions) keeps some masks and drops others.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+
+from hybridgl import HybridGLConfig
+from hybridgl.pipeline import load_image
+from hybridgl.proposals import MaskProposer
+
+from tiny_models import GOLDEN_DIR, build_tiny_sam
+
+SETTINGS = {
+    "filters": dict(points_per_side=3, pred_iou_thresh=0.2, stability_score_thresh=0.002,
+                    box_nms_thresh=1.0, min_mask_region_area=300),
+    "nms, small regions": dict(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                               box_nms_thresh=0.9, min_mask_region_area=5000),
+    "crops": dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9,
+                  min_mask_region_area=0, crop_n_layers=1, points_per_batch=7),
+}
+
+
+@pytest.fixture(scope="module")
+def sharp_sam():
+    sam = build_tiny_sam()
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30)
+            mlp.layers[-1].bias.mul_(30)
+    return sam
+
+
+@pytest.fixture(scope="module")
+def image():
+    return load_image(GOLDEN_DIR / "p02_bird_above_tree" / "image.png")
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_same_masks_as_segment_anything(sharp_sam, image, name):
+    settings = SETTINGS[name]
+    reference = SamAutomaticMaskGenerator(sharp_sam, output_mode="binary_mask", **settings).generate(image)
+    ours = MaskProposer(sharp_sam, HybridGLConfig(**settings))(image)
+    assert 0 < len(reference) < 3 * settings["points_per_side"] ** 2 * (1 + 4 * settings.get("crop_n_layers", 0))
+    assert len(ours) == len(reference)
+    for i, record in enumerate(reference):
+        np.testing.assert_array_equal(ours.masks[i], record["segmentation"], err_msg=f"mask {i}")
+        assert ours.boxes_xywh[i].tolist() == record["bbox"]
+        assert ours.quality[i] == pytest.approx(record["predicted_iou"], abs=1e-7)
+    assert ours.masks.dtype == bool and ours.boxes_xywh.dtype == np.int64 and ours.quality.dtype == np.float32
+
+
+def test_every_filter_drops_something(sharp_sam, image):
+    """The settings above are not vacuous: each filter alone removes masks (small regions change them)."""
+    base = dict(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                min_mask_region_area=0)
+    everything = len(MaskProposer(sharp_sam, HybridGLConfig(**base))(image))
+    assert everything == 3 * 9
+    for change in ({"pred_iou_thresh": 0.2}, {"stability_score_thresh": 0.1}, {"box_nms_thresh": 0.9}):
+        assert len(MaskProposer(sharp_sam, HybridGLConfig(**{**base, **change}))(image)) < everything, change
+
+
+def test_nothing_survives_is_empty_proposals(sharp_sam, image):
+    props = MaskProposer(sharp_sam, HybridGLConfig(points_per_side=2, pred_iou_thresh=5.0))(image)
+    assert len(props) == 0 and props.masks.shape == (0, *image.shape[:2])
