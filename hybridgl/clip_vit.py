@@ -94,6 +94,23 @@ def residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | No
     return mlp_residual(layer, x)
 
 
+def cls_residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual_block` for the CLS output only: tokens [B,L,C] -> [B,1,C].
+
+    For a last block whose patch outputs nothing reads: keys and values of every token, but
+    the query, the output projection and the MLP of the CLS token alone.
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(x)
+    q = split_heads(attn.q_proj(normed[:, :1]), attn.num_heads)  # [B,h,1,d]
+    k, v = split_heads(attn.k_proj(normed), attn.num_heads), split_heads(attn.v_proj(normed), attn.num_heads)
+    scores = (q @ k.transpose(-2, -1)) * attn.scale  # [B,h,1,L]
+    if blocked is not None:
+        scores = scores.masked_fill(blocked[:, None, :1], float("-inf"))
+    x = x[:, :1] + attn.out_proj(merge_heads(scores.softmax(dim=-1) @ v))
+    return mlp_residual(layer, x)
+
+
 def project_tokens(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Tokens [..., C] -> joint-space features [..., D]: post-layernorm then the visual projection."""
     return clip.visual_projection(clip.vision_model.post_layernorm(x))

@@ -18,14 +18,6 @@ from . import clip_vit
 from .config import HybridGLConfig
 
 
-MAX_BATCH_PIXELS = 50_000_000
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear, align_corners=False, no antialias: the reference code's `T.Resize(..., antialias=None)`."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-
-
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """[..., 3, H, W] in [0, 1] -> (x - mean) / std per channel."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -43,33 +35,83 @@ def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1).float().div(255)
 
 
-def local_inputs(image01: torch.Tensor, masks: torch.Tensor, config: HybridGLConfig) -> torch.Tensor:
+def bilinear_taps(n_in: int, n_out: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices and weights of each output pixel along one axis of the reference
+    code's resize `T.Resize(..., antialias=None)` (bilinear, align_corners=False, no antialias).
+
+    Returns idx int64 [2*n_out] (first taps, then second taps) and lambda0, lambda1 float32
+    [n_out], computed as PyTorch's bilinear kernel does (float32, align_corners=False, no antialias).
+    """
+    if n_in == n_out:
+        i0 = torch.arange(n_out)
+        return torch.cat([i0, i0]).to(device), torch.ones(n_out, device=device), torch.zeros(n_out, device=device)
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    # scale * (i + 0.5) - 0.5 rounded once to float32, as the kernel's fused multiply-add does
+    src = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    i0 = src.astype(np.int64)
+    i1 = i0 + (i0 < n_in - 1)
+    lam1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    idx = torch.from_numpy(np.concatenate([i0, i1])).to(device)
+    return idx, torch.from_numpy(1 - lam1).to(device), torch.from_numpy(lam1).to(device)
+
+
+class Resampler:
+    """That resize of [..., H, W] maps to S x S, reading only the 2S rows and 2S columns it needs.
+
+    Bilinear resizing without antialias is a 2x2-tap filter, so a per-mask composite can be
+    built on those taps alone instead of at full resolution: the same numbers (up to float
+    rounding) for a fraction of the work.
+    """
+
+    def __init__(self, height: int, width: int, size: int, device: torch.device | str = "cpu"):
+        self.size = size
+        self.rows, self.wy0, self.wy1 = bilinear_taps(height, size, device)
+        self.cols, self.wx0, self.wx1 = bilinear_taps(width, size, device)
+
+    def taps(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., H, W] -> the tap values [..., 2S, 2S]."""
+        return x[..., self.rows, :][..., self.cols]
+
+    def combine(self, t: torch.Tensor) -> torch.Tensor:
+        """Tap values [..., 2S, 2S] (float) -> the resized map [..., S, S]."""
+        s = self.size
+        wx0, wx1 = self.wx0.to(t.dtype), self.wx1.to(t.dtype)
+        top = t[..., :s, :s] * wx0 + t[..., :s, s:] * wx1
+        bottom = t[..., s:, :s] * wx0 + t[..., s:, s:] * wx1
+        return top * self.wy0.to(t.dtype)[:, None] + bottom * self.wy1.to(t.dtype)[:, None]
+
+
+def local_inputs(image01: torch.Tensor, masks: torch.Tensor, config: HybridGLConfig,
+                 resampler: Resampler | None = None) -> torch.Tensor:
     """Local branch inputs [B,3,S,S]: the normalised image inside each mask, the fill value outside.
 
     image01: float [3,H,W] in [0,1]; masks: bool [B,H,W]. The fill is used as an already
-    normalised value, as the reference code does.
+    normalised value, as the reference code does. resampler: composite on the resize taps only.
     """
-    x = normalize(image01, config.image_mean, config.image_std)[None]  # [1,3,H,W]
-    m = masks[:, None].to(x.dtype)  # [B,1,H,W]
+    r = resampler or Resampler(*masks.shape[1:], config.clip_input_size, masks.device)
+    x = r.taps(normalize(image01, config.image_mean, config.image_std))[None]  # [1,3,2S,2S]
+    m = r.taps(masks)[:, None].to(x.dtype)  # [B,1,2S,2S]
     fill = torch.tensor(config.fill_value, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return _resize(x * m + (1 - m) * fill, config.clip_input_size)
+    return r.combine(x * m + (1 - m) * fill)
 
 
 def global_inputs(sharp: torch.Tensor, blurred: torch.Tensor, masks: torch.Tensor,
-                  config: HybridGLConfig) -> torch.Tensor:
+                  config: HybridGLConfig, resampler: Resampler | None = None) -> torch.Tensor:
     """Global branch inputs [B,3,S,S]: sharp pixels inside each mask, blurred ones outside (uint8 composite).
 
     sharp, blurred: uint8 [H,W,3] on the masks' device; masks: bool [B,H,W].
     """
-    composite = torch.where(masks[..., None], sharp[None], blurred[None])  # uint8 [B,H,W,3]
-    x = composite.permute(0, 3, 1, 2).float().div(255)
-    return normalize(_resize(x, config.clip_input_size), config.image_mean, config.image_std)
+    r = resampler or Resampler(*masks.shape[1:], config.clip_input_size, masks.device)
+    sharp_t, blurred_t = r.taps(sharp.permute(2, 0, 1)), r.taps(blurred.permute(2, 0, 1))  # [3,2S,2S]
+    composite = torch.where(r.taps(masks)[:, None], sharp_t[None], blurred_t[None])  # uint8 [B,3,2S,2S]
+    return normalize(r.combine(composite.float().div(255)), config.image_mean, config.image_std)
 
 
 def token_masks(masks: torch.Tensor, grid: int) -> torch.Tensor:
     """Soft token masks w [B, 1 + grid*grid]: each mask resized to grid x grid (bilinear, no antialias), CLS = 1."""
-    soft = F.interpolate(masks[:, None].float(), size=(grid, grid), mode="bilinear",
-                         align_corners=False, antialias=False)[:, 0]
+    r = Resampler(*masks.shape[1:], grid, masks.device)
+    soft = r.combine(r.taps(masks).float())
     ones = torch.ones(masks.shape[0], 1, device=masks.device)
     return torch.cat([ones, soft.flatten(1)], dim=1)
 
@@ -99,19 +141,25 @@ def fuse_branches(clip: nn.Module, local: torch.Tensor, global_: torch.Tensor, w
         x = clip_vit.residual_block(layer, x)
     xl, xg = x[:b], x[b:]
     hl, hg = xl, xg  # the hybrid streams of "G2L+L2G"
-    for layer in layers[start:]:
+    # Only the CLS tokens of the last block are read, and only the streams the mode returns.
+    needed = {"G2L": "l", "local": "l", "L2G": "g", "global": "g"}.get(mode, "lg")
+    for i, layer in enumerate(layers[start:], start):
+        last = i == len(layers) - 1
+        block = clip_vit.cls_residual_block if last else clip_vit.residual_block
+        skip_l, skip_g = last and "l" not in needed, last and "g" not in needed
         if mode == "G2L":
-            xl, xg = (clip_vit.residual_block(layer, xl + beta * (w[..., None] * xg)),
-                      clip_vit.residual_block(layer, xg, blocked))
+            xl, xg = (block(layer, xl + beta * (w[..., None] * xg)),
+                      None if skip_g else block(layer, xg, blocked))
         elif mode == "L2G":
-            xl, xg = (clip_vit.residual_block(layer, xl),
-                      clip_vit.residual_block(layer, xl + beta * xg, blocked))
+            xl, xg = (None if skip_l else block(layer, xl),
+                      block(layer, xl + beta * xg, blocked))
         elif mode == "G2L+L2G":
-            hl, hg = (clip_vit.residual_block(layer, hl + beta * (w[..., None] * xg)),
-                      clip_vit.residual_block(layer, xl + beta * hg, blocked))
-            xl, xg = clip_vit.residual_block(layer, xl), clip_vit.residual_block(layer, xg, blocked)
+            hl, hg = (block(layer, hl + beta * (w[..., None] * xg)),
+                      block(layer, xl + beta * hg, blocked))
+            if not last:
+                xl, xg = block(layer, xl), block(layer, xg, blocked)
         else:  # "local", "global", "G+L": the branches stay apart
-            xl, xg = clip_vit.residual_block(layer, xl), clip_vit.residual_block(layer, xg, blocked)
+            xl, xg = (None if skip_l else block(layer, xl), None if skip_g else block(layer, xg, blocked))
 
     feature = lambda tokens: clip_vit.project_tokens(clip, tokens[:, 0])  # noqa: E731
     if mode in ("G2L", "local"):
@@ -145,13 +193,12 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     image01 = image_tensor(image, device)
     sharp = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)  # once, not per batch
     blurred = torch.from_numpy(blur(image, config.blur_kernel)).to(device)
-    # The full-resolution inputs of a batch take ~28 bytes per pixel and mask: cap them near 1.5 GB.
-    step = max(1, min(config.feature_batch_size, MAX_BATCH_PIXELS // (image.shape[0] * image.shape[1])))
+    resampler = Resampler(image.shape[0], image.shape[1], config.clip_input_size, device)
     out = []
-    for lo in range(0, n, step):
-        batch = masks[lo:lo + step]
-        local = local_inputs(image01, batch, config)
-        glob = global_inputs(sharp, blurred, batch, config)
+    for lo in range(0, n, config.feature_batch_size):
+        batch = masks[lo:lo + config.feature_batch_size]
+        local = local_inputs(image01, batch, config, resampler)
+        glob = global_inputs(sharp, blurred, batch, config, resampler)
         w = token_masks(batch, grid)
         if debug is not None:
             for key, value in (("local_imgs", local), ("global_imgs", glob), ("soft_masks", w[:, 1:])):
