@@ -73,6 +73,13 @@ class HybridGLConfig:
     # 10. Final fusion.
     alpha: float = 0.6
 
+    # Speed, not the method: the fast mode computes hybrid features in low precision (bfloat16 on
+    # CPU, float16 on GPU, where SAM's encoder also runs under autocast) and falls back to float32
+    # for any decision within that precision's measured error of a tie (hybridgl/fast.py).
+    fast: bool = False
+    fast_probes: int = 2  # masks per image computed in both precisions to measure the error
+    fast_safety: float = 3.0  # the measured error is multiplied by this
+
     # The reported confidence: softmax(F / score_temperature) share of the chosen candidate.
     score_temperature: float = 0.1
 
@@ -97,6 +104,8 @@ class HybridGLConfig:
                 raise ValueError(f"{name} must lie in [0, 2]")
         if self.max_image_side is not None and self.max_image_side < 64:
             raise ValueError("max_image_side must be at least 64 (or None)")
+        if self.fast_probes < 1 or self.fast_safety < 1:
+            raise ValueError("fast_probes must be at least 1 and fast_safety at least 1")
         if self.score_temperature <= 0:
             raise ValueError("score_temperature must be positive")
         if not 0.0 <= self.alpha <= 1.0:

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
+from .fast import decision_is_safe, fast_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -78,7 +79,9 @@ class PreparedView:
     image: uint8 [H,W,3], the image the model saw; proposals: masks bool [N,H,W] and boxes
     int64 [N,4] at that size; features: hybrid features float32 [N,D] (on the model's device);
     tokens: GEM token features [g,g,D] (unit norm) or None when coherence is off;
-    original_size: (H0, W0) of the given image when it was downscaled (config.max_image_side), else None.
+    original_size: (H0, W0) of the given image when it was downscaled (config.max_image_side), else None;
+    feature_error: None when the features are exact, else (fast mode) the bound on their error in
+    cosine units.
     """
 
     image: np.ndarray
@@ -86,6 +89,7 @@ class PreparedView:
     features: torch.Tensor
     tokens: torch.Tensor | None
     original_size: tuple[int, int] | None = None
+    feature_error: float | None = None
     _device_masks: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -123,7 +127,7 @@ class PreparedView:
         idx = np.asarray(indices, dtype=np.int64)
         props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
         return PreparedView(self.image, props, self.features[torch.from_numpy(idx).to(self.features.device)],
-                            self.tokens, self.original_size)
+                            self.tokens, self.original_size, self.feature_error)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:
@@ -284,9 +288,13 @@ class HybridGL:
             props = proposals
         else:
             props = Proposals.from_masks(proposals, h, w)
-        features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
+        error = None
+        if self.config.fast:
+            features, error = fast_features(self.clip, rgb, props.masks, self.config, self.device)
+        else:
+            features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
-        return PreparedView(rgb, props, features, tokens, original_size)
+        return PreparedView(rgb, props, features, tokens, original_size, error)
 
     @torch.no_grad()
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
@@ -296,6 +304,16 @@ class HybridGL:
             view = self.prepare(view)
         if parse is None:
             parse = self.parse(expression if expression is not None else "")
+        seg = self._segment(view, parse)
+        if view.feature_error is not None and seg.index is not None and not decision_is_safe(
+                seg.explain, self.logit_scale * view.feature_error, self.config):
+            # a near tie for the low-precision features: decide on exact ones (kept for later expressions)
+            view.features = hybrid_features(self.clip, view.image, view.masks, self.config, self.device)
+            view.feature_error = None
+            seg = self._segment(view, parse)
+        return seg
+
+    def _segment(self, view: PreparedView, parse: ParsedExpression) -> Segmentation:
         cfg, dev = self.config, self.device
         n = len(view)
         text = text_features(self.clip, self.tokenizer, parse, cfg, dev)

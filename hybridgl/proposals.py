@@ -130,7 +130,10 @@ class MaskProposer:
         """uint8 [h,w,3] -> SAM image embedding [1,C,64,64] and the resized input size (SamPredictor.set_image)."""
         resized = torch.as_tensor(self.transform.apply_image(image), device=self.sam.device)
         x = self.sam.preprocess(resized.permute(2, 0, 1).contiguous()[None])
-        return self.sam.image_encoder(x), tuple(resized.shape[:2])
+        # the fast mode on GPU: float16 encoder (the mask decoder and thresholds stay float32)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.config.fast and x.device.type == "cuda"):
+            embedding = self.sam.image_encoder(x)
+        return embedding.float(), tuple(resized.shape[:2])
 
     def _crop(self, image: np.ndarray, crop_box: list[int], layer: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,79 @@
+"""The fast mode: hybrid features in low precision, exact float32 wherever a decision is close.
+
+`prepare` runs the 2N-image hybrid-feature pass under autocast (bfloat16 on CPU, float16 on
+GPU) and measures its error on a few probe masks also computed in float32. A semantic score
+S = logit_scale * cos(v, t) then moves by at most eps = logit_scale * max ||v_low - v_exact||
+(unit vectors, any text), times a safety factor since the probes are a sample. `decision_is_safe`
+propagates eps through the method (softmax, relation guidance, softmax, Eq. 9) and accepts the
+low-precision answer only when no perturbation within eps can change a choice: the candidate
+sets I and J, the semantic argmax and the final argmax. Otherwise the view's features are
+recomputed in float32 once and the decision is made exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HybridGLConfig
+from .hybrid_features import hybrid_features
+
+
+def low_precision(device: torch.device) -> str:
+    """The autocast dtype of the fast mode: float16 on GPU, bfloat16 elsewhere."""
+    return "float16" if device.type == "cuda" else "bfloat16"
+
+
+def probe_indices(masks: np.ndarray, count: int) -> np.ndarray:
+    """`count` masks spread over the range of mask areas (smallest to largest), as the error sample."""
+    order = np.argsort(masks.reshape(len(masks), -1).sum(axis=1), kind="stable")
+    return np.unique(order[np.linspace(0, len(order) - 1, count).round().astype(np.int64)])
+
+
+@torch.no_grad()
+def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
+                  device: torch.device) -> tuple[torch.Tensor, float | None]:
+    """Hybrid features [N,D] in low precision and their error bound on unit vectors (None: exact).
+
+    The probes' exact features replace their low-precision ones.
+    """
+    n = len(masks)
+    if n <= config.fast_probes:  # nothing to gain: compute them exactly
+        return hybrid_features(clip, image, masks, config, device), None
+    low = hybrid_features(clip, image, masks, config.replace(dtype=low_precision(device)), device)
+    probes = probe_indices(masks, config.fast_probes)
+    exact = hybrid_features(clip, image, masks[probes], config, device)
+    idx = torch.from_numpy(probes).to(low.device)
+    error = (F.normalize(low[idx], dim=-1) - F.normalize(exact, dim=-1)).norm(dim=-1).max().item()
+    low[idx] = exact
+    return low, error * config.fast_safety
+
+
+def _boundary_margin(scores: np.ndarray, k: int) -> float:
+    """Gap between the k-th and (k+1)-th largest score (inf when nothing lies beyond the k-th)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    return float(s[k - 1] - s[k]) if len(s) > k else math.inf
+
+
+def decision_is_safe(explain: dict[str, np.ndarray], eps: float, config: HybridGLConfig) -> bool:
+    """True when every choice of a segmentation stays the same for any S, S_neg moved by <= eps.
+
+    p_i = softmax(S)_i moves by a factor within exp(+-2 eps), so R_i (sums of products of two
+    such probabilities, or of one) by a factor within exp(+-4 eps); P = softmax(R) then moves by
+    a factor within exp(+-2 max|dR|), and F = (1 - alpha) P + alpha G (G is exact) by at most
+    (1 - alpha) max(P) (exp(2 max|dR|) - 1) per candidate.
+    """
+    S = explain["S"]
+    if _boundary_margin(S, 1) <= 2 * eps or _boundary_margin(S, int(explain["k1"])) <= 2 * eps:
+        return False
+    if "S_neg" in explain and _boundary_margin(explain["S_neg"], int(explain["k2"])) <= 2 * eps:
+        return False
+    F_ = np.sort(np.asarray(explain["F"], dtype=np.float64))[::-1]
+    if len(F_) < 2:
+        return True
+    dR = float(np.max(explain["R"])) * math.expm1(4 * eps)
+    dF = (1 - config.alpha) * float(np.max(explain["P"])) * math.expm1(2 * dR)
+    return F_[0] - F_[1] > 2 * dF
