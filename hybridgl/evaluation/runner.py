@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..prefetch import prefetch
 from . import calibration, masks as mask_utils
 from .datasets import EvalDataset, ImageGroup
 from .metrics import IoUAccumulator, paper_numbers
@@ -279,13 +280,12 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
     t0, images_done, exprs_done = time.perf_counter(), 0, 0
     failures = _Failures(limit=min(5, max(1, total - already)))
     try:
-        for group in dataset.groups:
-            pending = [s for s in group.samples if s.key not in done]
-            if not pending:
-                continue
+        todo = [(g, p) for g in dataset.groups if (p := [s for s in g.samples if s.key not in done])]
+        # the next images are read and decoded while the model works on this one
+        for (group, pending), loaded in prefetch(todo, lambda gp: gp[0].load_image()):
             gts = {k: group.ground_truth(k) for k in dict.fromkeys(s.gt_key for s in pending)}
             try:
-                image = group.load_image()
+                image = loaded.result()
                 proposals = proposals_fn(group, image) if proposals_fn is not None else None
                 view = model.prepare(image, proposals=proposals)
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop a 10-hour run
