@@ -1,0 +1,246 @@
+"""Speed of HybridGL on full-size architectures with random weights, on a fixed synthetic workload.
+
+    python bench/bench_speed.py                          # this tree: exact and fast mode
+    python bench/bench_speed.py --baseline 8bc2a8c       # ... and a commit's code in the same run: ratios
+    python bench/bench_speed.py --images 4 --expressions 4 --sam vit_h   # scale up
+    python bench/bench_speed.py --models real --device cuda   # real weights (downloaded once): GPU sizing
+    python bench/bench_speed.py --models tiny --baseline main  # the tests' tiny models: checks the harness
+
+SAM ViT-B (or --sam) and CLIP ViT-B/16 are built with seeded random weights, so anyone gets the
+same models without downloads; random SAM weights predict IoUs near 0, so the generator's
+thresholds are changed (RANDOM_SAM) to keep a few dozen masks per image. Each variant
+(the exact mode, the fast mode, and with --baseline the code of another commit, extracted with
+`git archive` and run in a subprocess) runs the same images and expressions; the report gives
+seconds per stage and per expression, ratios between variants (these machines are noisy: compare
+ratios measured in one run), whether the variants chose the same masks, and the model's share
+of wall time when a batch overlaps decoding and encoding with the model (bounded prefetch).
+Nothing is asserted: this prints figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Random SAM weights predict IoUs in about [-0.1, 0.1] and unstable, mostly image-sized masks that
+# box NMS would merge into one: these settings keep a few dozen masks (the report prints how many).
+RANDOM_SAM = {"pred_iou_thresh": 0.045, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+EXPRESSIONS = ["the red ball on the left", "the big green box", "the blue cup in the middle",
+               "the small yellow ball right of the box", "the box above the table", "the person on the right"]
+
+
+def synthetic_image(index: int, height: int = 480, width: int = 640):
+    """A fixed scene: a gradient background, a table, boxes and balls in seeded colours and places, noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 + index)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([80 + 60 * yy / height, 90 + 50 * xx / width, np.full_like(yy, 110.0)], -1)
+    image[int(height * 0.7):] = (120, 90, 60)  # a table
+    for _ in range(6):
+        colour = rng.integers(0, 256, 3)
+        cy, cx = rng.integers(40, height - 40), rng.integers(40, width - 40)
+        r = rng.integers(20, 90)
+        if rng.random() < 0.5:
+            image[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = colour
+        else:
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: runs one variant of the workload with whatever `hybridgl` is first on sys.path.
+# It must only use APIs every compared commit has (HybridGL, its proposer, hybrid_features,
+# gem_tokens, PreparedView, segment).
+
+def random_models(sam_type: str):
+    """Seeded random SAM and CLIP ViT-B/16 (the real architectures) and CLIP's tokenizer."""
+    import torch
+    from segment_anything import sam_model_registry
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    sam = sam_model_registry[sam_type](checkpoint=None).eval()
+    torch.manual_seed(1)
+    clip = CLIPModel(CLIPConfig(vision_config={"patch_size": 16}, projection_dim=512)).eval()
+    return clip, CLIPTokenizer.from_pretrained(str(ROOT / "tests/fixtures/tiny-clip")), sam
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+
+    from hybridgl import HybridGL, HybridGLConfig
+    from hybridgl.coherence import gem_tokens
+    from hybridgl.hybrid_features import hybrid_features
+    from hybridgl.pipeline import PreparedView
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    overrides = {"random": RANDOM_SAM, "real": {}}.get(args.models)
+    if args.models == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import PERMISSIVE, build_tiny_sam, tiny_clip
+
+        overrides = PERMISSIVE
+    config = HybridGLConfig(**overrides, **({"fast": True} if args.fast else {}))
+    if args.models == "real":
+        model = HybridGL.from_pretrained(sam=args.sam, parser="rules", device=args.device, config=config)
+    else:
+        clip, tokenizer, sam = random_models(args.sam) if args.models == "random" else (*tiny_clip(), build_tiny_sam())
+        model = HybridGL(clip, tokenizer, sam=sam, parser="rules", device=args.device, config=config)
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    images = []
+    for i in range(args.images):
+        image = synthetic_image(i)
+        t_sam, props = timed(lambda: model.proposer(image))
+        if args.fast:  # the fast mode's own prepare: features and GEM together
+            t_feat, view = timed(lambda: model.prepare(image, proposals=props))
+            t_gem = 0.0
+        else:
+            t_feat, feats = timed(lambda: hybrid_features(model.clip, image, props.masks, model.config, model.device))
+            t_gem, tokens = timed(lambda: gem_tokens(model.clip, image, model.config, model.device))
+            view = PreparedView(image, props, feats, tokens)
+        exprs = []
+        for j in range(args.expressions):
+            text = EXPRESSIONS[(i + j) % len(EXPRESSIONS)]
+            t_seg, seg = timed(lambda: model.segment(view, text))
+            exprs.append({"text": text, "seconds": t_seg, "index": seg.index,
+                          "mask": hashlib.sha1(np.packbits(seg.mask).tobytes()).hexdigest() if seg.mask is not None
+                          else None})
+        images.append({"masks": len(props), "sam": t_sam, "features": t_feat, "gem": t_gem,
+                       "proposals": hashlib.sha1(np.packbits(props.masks).tobytes()).hexdigest(),
+                       "expressions": exprs})
+    return {"images": images, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "device": str(model.device), "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: runs the variants in subprocesses (one at a time, same machine) and compares them.
+
+def extract(rev: str, into: Path) -> Path:
+    """The tree of commit `rev` (its tracked files) under `into`."""
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def run_variant(name: str, code: Path, args, extra: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--code", str(code), "--json", out.name,
+               "--images", str(args.images), "--expressions", str(args.expressions), "--sam", args.sam,
+               "--device", args.device, "--threads", str(args.threads), "--models", args.models, *extra]
+        print(f"running {name} ...", flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=code)
+        result = json.loads(Path(out.name).read_text())
+        result["wall"] = time.perf_counter() - t
+        return result
+
+
+def summary(result: dict) -> dict:
+    imgs = result["images"]
+    exprs = [e for im in imgs for e in im["expressions"]]
+    return {"sam": sum(i["sam"] for i in imgs), "features": sum(i["features"] for i in imgs),
+            "gem": sum(i["gem"] for i in imgs),
+            "prepare": sum(i["sam"] + i["features"] + i["gem"] for i in imgs),
+            "segment": sum(e["seconds"] for e in exprs), "n_images": len(imgs), "n_expr": len(exprs),
+            "masks": [i["masks"] for i in imgs]}
+
+
+def agreement(a: dict, b: dict) -> tuple[int, int, bool]:
+    """(same chosen masks, expressions, same proposals on every image)."""
+    pairs = [(x, y) for ia, ib in zip(a["images"], b["images"]) for x, y in zip(ia["expressions"], ib["expressions"])]
+    same_props = all(ia["proposals"] == ib["proposals"] for ia, ib in zip(a["images"], b["images"]))
+    return sum(x["mask"] == y["mask"] for x, y in pairs), len(pairs), same_props
+
+
+def report(results: dict[str, dict]) -> None:
+    sums = {k: summary(v) for k, v in results.items()}
+    print(f"\nworkload: {next(iter(sums.values()))['n_images']} images 640x480, "
+          f"{next(iter(sums.values()))['n_expr']} expressions; masks per image "
+          f"{next(iter(sums.values()))['masks']}")
+    print(f"{'variant':<10}{'SAM s':>9}{'features s':>12}{'GEM s':>8}{'prepare s':>11}{'s/image':>9}"
+          f"{'s/expr':>9}")
+    for k, s in sums.items():
+        print(f"{k:<10}{s['sam']:9.2f}{s['features']:12.2f}{s['gem']:8.2f}{s['prepare']:11.2f}"
+              f"{s['prepare'] / s['n_images']:9.2f}{s['segment'] / s['n_expr']:9.3f}")
+    for k, r in results.items():
+        if r.get("peak_gpu_bytes"):
+            s = sums[k]
+            print(f"{k}: {s['n_images'] / s['prepare']:.2f} new images/s, "
+                  f"{1000 * s['segment'] / s['n_expr']:.0f} ms per further expression, "
+                  f"peak GPU memory {r['peak_gpu_bytes'] / 2**30:.2f} GiB")
+    if "baseline" in sums:
+        for k in ("exact", "fast"):
+            if k in sums:
+                r = {st: sums[k][st] / sums["baseline"][st] for st in ("sam", "features", "gem", "prepare")}
+                same, n, props = agreement(results["baseline"], results[k])
+                print(f"{k} / baseline time: SAM {r['sam']:.2f}, features {r['features']:.2f}, GEM {r['gem']:.2f},"
+                      f" prepare {r['prepare']:.2f}; same proposals {props}, same chosen mask {same}/{n}")
+    if "exact" in sums and "fast" in sums:
+        speed = sums["exact"]["prepare"] / sums["fast"]["prepare"]
+        same, n, props = agreement(results["exact"], results["fast"])
+        print(f"fast mode: prepare {speed:.2f}x faster than exact (features+GEM "
+              f"{(sums['exact']['features'] + sums['exact']['gem']) / sums['fast']['features']:.2f}x), "
+              f"per expression {sums['fast']['segment'] / max(1e-9, sums['exact']['segment']):.2f}x the exact "
+              f"time; same chosen mask as exact {same}/{n}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--expressions", type=int, default=3, help="expressions per image")
+    ap.add_argument("--sam", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--models", default="random", choices=["random", "real", "tiny"],
+                    help="random: full-size architectures, seeded random weights; real: the real weights "
+                         "(downloaded once); tiny: the tests' tiny models (a quick check of the harness)")
+    ap.add_argument("--baseline", metavar="REV", help="also run the code of this commit and print ratios")
+    ap.add_argument("--modes", default="exact,fast", help="variants of this tree: exact, fast")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--code", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        sys.path[:0] = [args.code]
+        os.environ.setdefault("HF_HUB_OFFLINE", "0" if args.models == "real" else "1")
+        Path(args.json).write_text(json.dumps(worker(args)))
+        return
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            results["baseline"] = run_variant(f"baseline {args.baseline}", extract(args.baseline, Path(tmp)), args, [])
+        for mode in args.modes.split(","):
+            results[mode] = run_variant(mode, ROOT, args, ["--fast"] if mode == "fast" else [])
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
