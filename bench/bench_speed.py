@@ -93,6 +93,7 @@ def worker(args) -> dict:
         from tiny_models import PERMISSIVE, build_tiny_sam, tiny_clip
 
         overrides = PERMISSIVE
+    overrides = {**overrides, **{k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)}}
     config = HybridGLConfig(**overrides, **({"fast": True} if args.fast else {}))
     if args.models == "real":
         model = HybridGL.from_pretrained(sam=args.sam, parser="rules", device=args.device, config=config)
@@ -132,8 +133,39 @@ def worker(args) -> dict:
         images.append({"masks": len(props), "sam": t_sam, "features": t_feat, "gem": t_gem,
                        "proposals": hashlib.sha1(np.packbits(props.masks).tobytes()).hexdigest(),
                        "expressions": exprs})
-    return {"images": images, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    batch = batch_share(model, args, sync) if args.batch else None
+    return {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "device": str(model.device), "threads": torch.get_num_threads()}
+
+
+def batch_share(model, args, sync) -> dict:
+    """A batch as `hybridgl evaluate` runs it (PNG files read and decoded, every expression, masks
+    run-length encoded for Label Studio), with the next images prefetched: the model's share of wall time."""
+    import numpy as np
+    from PIL import Image
+
+    from hybridgl.pipeline import load_image
+    from hybridgl.prefetch import prefetch
+    from backend.model import mask_to_rle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(args.images):
+            paths.append(Path(tmp) / f"{i}.png")
+            Image.fromarray(synthetic_image(i)).save(paths[-1])
+        model_s, start = 0.0, time.perf_counter()
+        for i, (path, loaded) in enumerate(prefetch(paths, load_image)):
+            image = loaded.result()
+            sync()
+            t = time.perf_counter()
+            view = model.prepare(image)
+            segs = [model.segment(view, EXPRESSIONS[(i + j) % len(EXPRESSIONS)]) for j in range(args.expressions)]
+            sync()
+            model_s += time.perf_counter() - t
+            for seg in segs:
+                mask_to_rle(seg.mask if seg.mask is not None else np.zeros(image.shape[:2], bool))
+        wall = time.perf_counter() - start
+    return {"model": model_s, "wall": wall}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +183,8 @@ def run_variant(name: str, code: Path, args, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--code", str(code), "--json", out.name,
                "--images", str(args.images), "--expressions", str(args.expressions), "--sam", args.sam,
-               "--device", args.device, "--threads", str(args.threads), "--models", args.models, *extra]
+               "--device", args.device, "--threads", str(args.threads), "--models", args.models, *extra,
+               *[a for kv in args.set for a in ("--set", kv)]]
         print(f"running {name} ...", flush=True)
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=code)
@@ -188,6 +221,10 @@ def report(results: dict[str, dict]) -> None:
         print(f"{k:<10}{s['sam']:9.2f}{s['features']:12.2f}{s['gem']:8.2f}{s['prepare']:11.2f}"
               f"{s['prepare'] / s['n_images']:9.2f}{s['segment'] / s['n_expr']:9.3f}")
     for k, r in results.items():
+        if r.get("batch"):
+            b = r["batch"]
+            print(f"{k}: batch of {sums[k]['n_images']} images with prefetch: model {b['model']:.1f} s of "
+                  f"{b['wall']:.1f} s wall, a share of {100 * b['model'] / b['wall']:.1f} %")
         if r.get("peak_gpu_bytes"):
             s = sums[k]
             print(f"{k}: {s['n_images'] / s['prepare']:.2f} new images/s, "
@@ -221,6 +258,10 @@ def main() -> None:
                          "(downloaded once); tiny: the tests' tiny models (a quick check of the harness)")
     ap.add_argument("--baseline", metavar="REV", help="also run the code of this commit and print ratios")
     ap.add_argument("--modes", default="exact,fast", help="variants of this tree: exact, fast")
+    ap.add_argument("--batch", action="store_true",
+                    help="also run the workload as a prefetched batch and print the model's share of wall time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every variant, e.g. points_per_side=4 (JSON value)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--code", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -238,7 +279,8 @@ def main() -> None:
         if args.baseline:
             results["baseline"] = run_variant(f"baseline {args.baseline}", extract(args.baseline, Path(tmp)), args, [])
         for mode in args.modes.split(","):
-            results[mode] = run_variant(mode, ROOT, args, ["--fast"] if mode == "fast" else [])
+            results[mode] = run_variant(mode, ROOT, args, (["--fast"] if mode == "fast" else [])
+                                        + (["--batch"] if args.batch else []))
     report(results)
 
 
