@@ -74,6 +74,7 @@ def decision_is_safe(explain: dict[str, np.ndarray], eps: float, config: HybridG
     F_ = np.sort(np.asarray(explain["F"], dtype=np.float64))[::-1]
     if len(F_) < 2:
         return True
-    dR = float(np.max(explain["R"])) * math.expm1(4 * eps)
-    dF = (1 - config.alpha) * float(np.max(explain["P"])) * math.expm1(2 * dR)
+    # exponents capped: beyond exp(700) no gap is safe anyway, and math.expm1 would overflow
+    dR = float(np.max(explain["R"])) * math.expm1(min(4 * eps, 700.0))
+    dF = (1 - config.alpha) * float(np.max(explain["P"])) * math.expm1(min(2 * dR, 700.0))
     return F_[0] - F_[1] > 2 * dF

@@ -74,9 +74,18 @@ def test_decision_is_safe_propagates_the_error():
     assert not decision_is_safe({**explain, "F": np.array([0.5 + 2 * dF - 1e-9, 0.5, 0.1])}, eps, cfg)
 
 
+def test_a_large_error_is_unsafe_not_an_overflow():
+    explain = {"S": np.array([900.0, 0.0]), "k1": np.int64(1), "k2": np.int64(1),
+               "R": np.array([1.0]), "P": np.array([1.0]), "F": np.array([0.9])}
+    assert decision_is_safe(explain, 200.0, HybridGLConfig())  # one candidate: nothing to flip
+    explain.update(S=np.array([900.0, 0.0, -900.0]), k1=np.int64(2), R=np.array([1.0, 0.5]),
+                   P=np.array([0.6, 0.4]), F=np.array([0.9, 0.1]))
+    assert not decision_is_safe(explain, 200.0, HybridGLConfig())
+
+
 def test_probes_span_the_mask_areas():
     masks = np.zeros((5, 10, 10), bool)
     for i, area in enumerate([30, 5, 80, 50, 10]):
         masks[i].flat[:area] = True
     assert probe_indices(masks, 2).tolist() == [1, 2]  # smallest and largest
-    assert sorted(probe_indices(masks, 3).tolist()) == [1, 2, 3]
+    assert sorted(probe_indices(masks, 3).tolist()) == [0, 1, 2]  # areas 5, 30, 80
