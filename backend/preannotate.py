@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
         if args.ray_options is not None:  # the models load on the Ray workers, not in this process
             from .ray_preannotate import run_on_ray
 
-            return _exit_status(run_on_ray(settings, args.ray_options, ls, args.project, **run_options), args.json)
+            return _exit_status(run_on_ray(settings, args.ray_options, ls, args.project, **run_options), args.json, url)
         if backend is None:
             from ._wsgi import load_backend
 
@@ -525,10 +525,10 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
             print(f"error: Label Studio at {url}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 2
         raise
-    return _exit_status(summary, args.json)
+    return _exit_status(summary, args.json, url)
 
 
-def _exit_status(summary: Summary, as_json: bool) -> int:
+def _exit_status(summary: Summary, as_json: bool, url: str) -> int:
     if as_json:
         print(json.dumps(summary.to_dict()))
     if summary.interrupted:
