@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from_args
+from hybridgl.prefetch import prefetch
 
 from .labeling import Interface, TaskError, parse_config
 from .reconnect import CONNECTION_KINDS, LabelStudioGone, Reconnect, is_connection_error, label_studio_up
@@ -268,12 +269,29 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     processed = 0
     misses_before = backend.counters.snapshot().get("cache.misses", 0)
 
+    def direct(url, task_id) -> bytes:
+        return backend.fetch(url, task_id, connections)
+
+    last: list = [None, None]  # (url, bytes) of the previous download: tasks come grouped by image
+
+    def download(task: dict) -> bytes:
+        url = task["data"][interface.image_field]
+        if last[0] != url:
+            last[:] = [url, direct(url, task.get("id"))]
+        return last[1]
+
     def predict_here(tasks: list[dict], interface: Interface) -> Iterator[tuple[dict, Any]]:
-        for task in tasks:
+        # the next images download while the model works on this one (bounded: `depth` ahead)
+        for task, ahead in prefetch(tasks, download, depth=2):
+            fetch, fetched_ahead = (lambda url, tid: ahead.result()), True
             while True:  # a task failing because Label Studio is away is retried once it is back
-                outcome = backend.predict_task(task, interface,
-                                               fetch=lambda url, tid: backend.fetch(url, tid, connections))
-                if outcome.ok or outcome.error.kind not in CONNECTION_KINDS or reconnect.up():
+                outcome = backend.predict_task(task, interface, fetch=fetch)
+                if outcome.ok or outcome.error.kind not in CONNECTION_KINDS:
+                    break
+                if fetched_ahead:  # it may have been downloaded while Label Studio was away: try now
+                    fetch, fetched_ahead = direct, False
+                    continue
+                if reconnect.up():
                     break
                 reconnect.until_back()
             yield task, outcome
