@@ -84,9 +84,17 @@ def preannotate(ls: LabelStudio, env: dict, project: int, *extra: str, wait: boo
     args = [sys.executable, "-m", "backend.preannotate", "--url", ls.url, "--api-key", ls.token,
             "--project", str(project), "--json", *extra]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=240)
+    return finish(proc, 240) if wait else proc
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """Wait (bounded) for a started command: (exit status, stdout, stderr); killed if still running."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return proc.returncode, out, err
 
 

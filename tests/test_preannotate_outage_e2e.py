@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 from harness import ROOT, LabelStudio, require_label_studio  # noqa: E402
 from serve_tiny import tiny_environment  # noqa: E402
-from test_preannotate_e2e import new_project, predictions_by_task, preannotate, summary_of  # noqa: E402
+from test_preannotate_e2e import finish, new_project, predictions_by_task, preannotate, summary_of  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -42,16 +42,6 @@ def stop_after_first_batch(ls: LabelStudio, project: int, proc: subprocess.Popen
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before Label Studio could go away"
     ls.stop()
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
 
 
 def test_label_studio_restarting_mid_run_is_waited_for(stack):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ray_local import driver_environment, model_actor_pids, ray_address  # noqa: F401 (ray_address: a fixture)
-from test_preannotate_e2e import new_project, preannotate, predictions_by_task, stack, summary_of  # noqa: F401
+from test_preannotate_e2e import finish, new_project, preannotate, predictions_by_task, stack, summary_of  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -25,14 +25,7 @@ RAY = ["--ray-actors", "2", "--ray-cpus-per-actor", "0.5"]
 def preannotate_on_ray(ls, env: dict, project: int, *extra: str, timeout: float = 900):
     """The command with --ray: besides the run, it starts 2 actors and asks a worker for the version,
     each loading the models (slow on a busy 2-core machine)."""
-    proc = preannotate(ls, env, project, *extra, wait=False)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
+    return finish(preannotate(ls, env, project, *extra, wait=False), timeout)
 
 
 def masks_and_scores(ls, project: int, tasks: list[int]) -> list[tuple]:
