@@ -6,6 +6,7 @@ survive fork). `app` is created on first access, so importing this module loads 
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -50,6 +51,26 @@ def configure_logging() -> None:
     logsafe.install()
 
 
+def authorize(settings: Settings):
+    """Basic auth (BASIC_AUTH_USER/PASS) for every route; /webhook also takes the webhook secret.
+    None lets the request in, else the 401 answer (a Flask before_request hook)."""
+    user, password = settings.basic_auth_user, settings.basic_auth_pass
+    if request.path == "/webhook" and settings.webhook_secret:
+        # Label Studio creates its webhook without credentials: the secret (header or query) lets it in
+        given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
+        if hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+            return None
+        if not user:
+            return jsonify({"error": "webhook secret required (X-Webhook-Secret header or ?secret=)"}), 401
+    if not user:
+        return None
+    auth = request.authorization
+    if auth and hmac.compare_digest((auth.username or "").encode(), user.encode()) and \
+            hmac.compare_digest((auth.password or "").encode(), (password or "").encode()):
+        return None
+    return jsonify({"error": "authentication required"}), 401, {"WWW-Authenticate": 'Basic realm="hybridgl"'}
+
+
 def create_app(backend: HybridGLBackend | None = None, settings: Settings | None = None) -> Flask:
     """The Flask app around one HybridGLBackend (loaded from the environment unless given)."""
     configure_logging()
@@ -71,23 +92,7 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
         log.warning("THREADS=%s does not exceed HYBRIDGL_MAX_QUEUE=%d: /health can wait behind predicts",
                     threads, settings.max_queue)
 
-    @app.before_request
-    def basic_auth():
-        user, password = settings.basic_auth_user, settings.basic_auth_pass
-        if request.path == "/webhook" and settings.webhook_secret:
-            # Label Studio creates its webhook without credentials: the secret (header or query) lets it in
-            given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
-            if hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
-                return None
-            if not user:
-                return jsonify({"error": "webhook secret required (X-Webhook-Secret header or ?secret=)"}), 401
-        if not user:
-            return None
-        auth = request.authorization
-        if auth and hmac.compare_digest((auth.username or "").encode(), user.encode()) and \
-                hmac.compare_digest((auth.password or "").encode(), (password or "").encode()):
-            return None
-        return jsonify({"error": "authentication required"}), 401, {"WWW-Authenticate": 'Basic realm="hybridgl"'}
+    app.before_request(functools.partial(authorize, settings))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -16,6 +16,8 @@ import socket
 import threading
 from typing import Callable, Iterator
 
+CLIENT_GONE = "hybridgl.client_gone"  # WSGI environ key: a server's own check of the client's connection
+
 
 class Admission:
     """At most `limit` predict requests inside at a time; `enter()` never blocks."""
@@ -38,10 +40,14 @@ class Admission:
 def client_gone(environ: dict) -> Callable[[], bool]:
     """A check of whether the request's client has closed its connection (False when unknown).
 
-    Works with gunicorn (`gunicorn.socket`) and Werkzeug's server (`werkzeug.socket`): a peek that
+    Works with gunicorn (`gunicorn.socket`), Werkzeug's server (`werkzeug.socket`) and any server
+    that puts its own check under `environ[CLIENT_GONE]` (Ray Serve). For a socket, a peek that
     reads an end-of-file, or a reset, means the peer is gone; pending data or nothing yet means it
     is still there.
     """
+    given = environ.get(CLIENT_GONE)
+    if callable(given):  # a server without a socket per request (backend/serve.py) says it itself
+        return given
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     if not isinstance(sock, socket.socket):
         return lambda: False

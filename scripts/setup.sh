@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh --dev    + test dependencies
 #   bash scripts/setup.sh --e2e    + the Label Studio used by the end-to-end tests (.venv-ls)
 #                                  and the headless Chromium of the browser test (apt)
-#   bash scripts/setup.sh --ray    + Ray (Ray Data) for --ray in backend.preannotate / hybridgl evaluate
+#   bash scripts/setup.sh --ray    + Ray (Ray Data, Ray Serve) for --ray in backend.preannotate / hybridgl evaluate
+#                                  and backend.serve
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -193,7 +193,7 @@ def test_dockerfile_installs_ray_only_when_asked():
     (ray_run,) = [r for r in instructions("RUN") if "requirements-ray.txt" in r]
     assert ray_run.startswith('if [ "$WITH_RAY" = "1" ]; then pip install -r requirements-ray.txt')
     assert "requirements-ray.txt ./" in instructions("COPY")
-    assert re.search(r"^ray\[data\]==", (ROOT / "requirements-ray.txt").read_text(), re.M)
+    assert re.search(r"^ray\[data,serve\]==", (ROOT / "requirements-ray.txt").read_text(), re.M)
 
 
 def test_dockerfile_lint():

@@ -1,0 +1,222 @@
+"""The backend on Ray Serve (backend/serve.py): a local Ray cluster on 127.0.0.1 started and stopped
+here, two model replicas with half a CPU each, the tiny models, HTTP on a free port.
+
+Through Serve, /health and /predict must answer exactly what the plain Flask app (create_app)
+answers for the same requests, with the same auth; /health must answer while every replica is
+held by a predict; predicts past the bound get 503 with Retry-After; bad tasks get their own
+errors; requests reach both replicas. The replicas are held busy by a Label Studio whose images
+("slow-*.png") are not sent until the test opens a gate; nothing of ours is mocked.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib import error, request
+
+import pytest
+import torch
+
+from ray_local import ray, ray_address  # noqa: F401 (ray_address: a fixture)
+
+from backend._wsgi import create_app
+from backend.serve import APP_NAME, REPLICA_HEADER, ServeOptions, build_app
+from backend.settings import Settings
+from test_backend import CONFIG, IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio, task
+from tiny_models import PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+from harness import free_port  # noqa: E402
+
+if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":  # CI installs the extra: a missing Serve is a failure there
+    from ray import serve
+else:
+    serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (bash scripts/setup.sh --ray)")
+
+USER, PASSWORD, HOOK_SECRET = "annotator", "serve-pass-1", "hook-secret-1"
+RETRY_AFTER = 7
+
+
+class GatedFiles(dict):
+    """Label Studio's files; any "slow-*.png" is IMAGE_A, sent only once `gate` is set."""
+
+    def __init__(self, files: dict[str, bytes]):
+        super().__init__(files)
+        self.gate = threading.Event()
+
+    def __contains__(self, name) -> bool:
+        return name.startswith("slow-") or super().__contains__(name)
+
+    def __getitem__(self, name: str) -> bytes:
+        if name.startswith("slow-"):
+            self.gate.wait(120)
+            return IMAGE_A
+        return super().__getitem__(name)
+
+
+@pytest.fixture(scope="module")
+def ls():
+    server = FakeLabelStudio(GatedFiles({"a.png": IMAGE_A, "b.png": IMAGE_B, "broken.png": IMAGE_A[:300]}))
+    yield server
+    server.files.gate.set()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def settings(ls, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ray-serve")
+    return Settings(clip_model=str(TINY_CLIP_DIR), sam_model="tiny_models:tiny_sam_builder",
+                    sam_checkpoint=str(save_tiny_sam(work / "tiny-sam.pt")), config=json.dumps(PERMISSIVE),
+                    parser="rules", device="cpu", model_dir=work / "model-dir", label_studio_url=ls.url,
+                    label_studio_api_key=TOKEN, basic_auth_user=USER, basic_auth_pass=PASSWORD,
+                    webhook_secret=HOOK_SECRET, max_queue=1, retry_after=RETRY_AFTER)
+
+
+@pytest.fixture(scope="module")
+def url(ray_address, settings):  # noqa: F811
+    """The Serve application (2 model replicas) on a free port; Serve is shut down at the end."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(settings, ServeOptions(replicas=2, cpus_per_replica=0.5, ingress_cpus=0.1),
+                    ray.cluster_resources())
+    started = threading.Thread(target=serve.run, args=(app,), kwargs={"name": APP_NAME, "route_prefix": "/"},
+                               daemon=True)
+    started.start()
+    started.join(300)  # serve.run returns once every replica answers; bounded here
+    try:
+        assert not started.is_alive(), "the Serve application did not start within 300 s"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def flask_client(settings):
+    """The plain app (create_app) with the same settings, in this process: the reference answers."""
+    return create_app(settings=settings).test_client()
+
+
+def auth(user: str = USER, password: str = PASSWORD) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def call(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 120):
+    """(status, headers, JSON answer) of a GET (no body) or POST."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = request.Request(url, data=data, headers={**({"Content-Type": "application/json"} if data else {}),
+                                                     **(headers or {})})
+    try:
+        with request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except error.HTTPError as exc:
+        return exc.code, exc.headers, json.loads(exc.read())
+
+
+def flask_call(client, path: str, body: dict | None = None, headers: dict | None = None):
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the replicas (Ray gives an actor with under 1 CPU one thread)
+    try:
+        r = client.post(path, json=body, headers=headers) if body is not None else client.get(path, headers=headers)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return r.status_code, r.headers, r.get_json()
+
+
+def body(tasks: list[dict]) -> dict:
+    return {"tasks": tasks, "label_config": CONFIG, "project": "1.1700000000"}
+
+
+def without_region_ids(answer: dict) -> dict:
+    answer = json.loads(json.dumps(answer))
+    for prediction in answer["results"]:
+        for region in prediction["result"]:
+            assert len(region.pop("id")) == 10
+    return answer
+
+
+TASKS = [task(1, "a.png", "the cup to the left of the plate"), task(2, "b.png", "the chair in the middle"),
+         task(3, "a.png", "the plate"), task(4, "missing.png"), task(5, "broken.png"),
+         {"id": 6, "data": {"image": "/data/upload/1/a.png"}}]
+
+
+def test_health_and_predict_answer_what_the_flask_app_answers(url, flask_client):
+    status, headers, health = call(url + "/health", headers=auth())
+    assert status == 200 and (status, health) == flask_call(flask_client, "/health", headers=auth())[::2]
+    assert health["status"] == "UP" and health["parser"] == "rules" and health["device"] == "cpu"
+    assert call(url + "/", headers=auth())[2] == health
+
+    status, headers, answer = call(url + "/predict", body(TASKS), auth())
+    expected = flask_call(flask_client, "/predict", body(TASKS), auth())
+    assert status == expected[0] == 200 and headers[REPLICA_HEADER]
+    # masks (RLE), scores, model_version, per-task errors: all equal (region ids are random per answer)
+    assert without_region_ids(answer) == without_region_ids(expected[2])
+    results = answer["results"]
+    assert [("error" in r) for r in results] == [False, False, False, True, True, True]
+    assert [r.get("kind") for r in results[3:]] == ["missing_image", "bad_image", "no_expression"]
+    assert all(r["model_version"] == health["model_version"] for r in results)
+    assert results[0]["result"][0]["value"]["format"] == "rle" and results[0]["score"] > 0
+    # the bad tasks hurt nothing: the next request is served
+    status, _, again = call(url + "/predict", body([task(7, "b.png", "the chair")]), auth())
+    assert status == 200 and "error" not in again["results"][0]
+    # other routes go through the replicas' app too
+    status, _, setup = call(url + "/setup", {"project": "1.1700000000"}, auth())
+    assert (status, setup) == flask_call(flask_client, "/setup", {"project": "1.1700000000"}, auth())[::2]
+    status, _, missing = call(url + "/nothing-here", headers=auth())
+    assert (status, missing) == flask_call(flask_client, "/nothing-here", headers=auth())[::2] and status == 404
+
+
+def test_auth_is_the_flask_apps(url, flask_client):
+    for path in ("/health", "/", "/metrics"):
+        status, headers, answer = call(url + path)
+        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="hybridgl"'
+        assert (status, answer) == flask_call(flask_client, path)[::2]
+        assert call(url + path, headers=auth(password="wrong"))[0] == 401
+        assert call(url + path, headers=auth())[0] == 200
+    assert call(url + "/predict", body(TASKS[:1]))[0] == 401
+    # Label Studio's webhook: the secret instead of basic auth
+    status, _, hook = call(url + "/webhook", {"action": "PROJECT_UPDATED"}, {"X-Webhook-Secret": HOOK_SECRET})
+    assert status == 200 and hook == {"status": "ok", "action": "PROJECT_UPDATED"}
+    assert call(url + "/webhook", {"action": "PROJECT_UPDATED"}, {"X-Webhook-Secret": "wrong"})[0] == 401
+
+
+def test_requests_reach_both_replicas(url):
+    replicas = {call(url + "/metrics", headers=auth())[1][REPLICA_HEADER] for _ in range(30)}
+    assert len(replicas) == 2
+
+
+def test_health_answers_while_every_replica_is_busy_and_past_the_bound_predict_gets_503(url, ls):
+    gate = ls.files.gate
+    answers: dict[int, tuple] = {}
+    # every replica takes HYBRIDGL_MAX_QUEUE=1 predict; they wait for images that are not sent yet
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(
+        i, call(url + "/predict", body([task(100 + i, f"slow-{i}.png", "the cup")]), auth(), timeout=200)))
+        for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 120
+        while len(answers) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        refused = {i: a for i, a in answers.items()}
+        assert len(refused) >= 4, f"past 2 replicas x 1 predict, the rest must be refused at once: {answers}"
+        for status, headers, answer in refused.values():
+            assert status == 503 and headers["Retry-After"] == str(RETRY_AFTER) and "busy" in answer["error"]
+        # the replicas are held; /health is answered by the ingress meanwhile
+        status, _, health = call(url + "/health", headers=auth(), timeout=30)
+        assert status == 200 and health["status"] == "UP"
+        assert not gate.is_set() and len(answers) == len(refused)
+    finally:
+        gate.set()
+    for t in threads:
+        t.join(200)
+    admitted = [a for i, a in answers.items() if i not in refused]
+    assert len(answers) == 6 and len(admitted) == 2
+    assert all(status == 200 and "error" not in a["results"][0] for status, _, a in admitted)
+    assert len({headers[REPLICA_HEADER] for _, headers, _ in admitted}) == 2  # one per replica
+    # the slots were given back
+    status, _, answer = call(url + "/predict", body([task(200, "a.png", "the cup")]), auth())
+    assert status == 200 and "error" not in answer["results"][0]
