@@ -12,7 +12,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +25,7 @@ from urllib import error, request
 import pytest
 import torch
 
-from ray_local import ray, ray_address  # noqa: F401 (ray_address: a fixture)
+from ray_local import driver_environment, ray, ray_address  # noqa: F401 (ray_address: a fixture)
 
 from backend._wsgi import create_app
 from backend.serve import APP_NAME, REPLICA_HEADER, ServeOptions, build_app
@@ -29,7 +33,8 @@ from backend.settings import Settings
 from test_backend import CONFIG, IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio, task
 from tiny_models import PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from harness import free_port  # noqa: E402
 
 if os.environ.get("HYBRIDGL_REQUIRE_E2E") == "1":  # CI installs the extra: a missing Serve is a failure there
@@ -143,6 +148,62 @@ TASKS = [task(1, "a.png", "the cup to the left of the plate"), task(2, "b.png", 
          {"id": 6, "data": {"image": "/data/upload/1/a.png"}}]
 
 
+def environment_of(settings: Settings) -> dict[str, str]:
+    """The environment variables that make Settings.from_env() read `settings` (the fields used here)."""
+    return {"HYBRIDGL_CLIP_MODEL": settings.clip_model, "HYBRIDGL_SAM_MODEL": settings.sam_model,
+            "HYBRIDGL_SAM_CHECKPOINT": settings.sam_checkpoint, "HYBRIDGL_CONFIG": settings.config,
+            "HYBRIDGL_PARSER": settings.parser, "DEVICE": settings.device, "MODEL_DIR": str(settings.model_dir),
+            "LABEL_STUDIO_URL": settings.label_studio_url, "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
+            "BASIC_AUTH_USER": settings.basic_auth_user, "BASIC_AUTH_PASS": settings.basic_auth_pass,
+            "HYBRIDGL_WEBHOOK_SECRET": settings.webhook_secret, "HYBRIDGL_MAX_QUEUE": str(settings.max_queue),
+            "HYBRIDGL_RETRY_AFTER": str(settings.retry_after), "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
+
+
+def test_the_command_serves_from_the_environment_and_stops_on_sigterm(ray_address, settings, flask_client):  # noqa: F811
+    """`python -m backend.serve --address ...` joins the cluster, serves the environment's settings on
+    --port, and on SIGTERM removes its application and exits 0; a bad setting stops it at once (2)."""
+    env = driver_environment({**{k: v for k, v in os.environ.items()
+                                 if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_", "BASIC_AUTH_"))},
+                              **environment_of(settings),
+                              "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    bad = subprocess.run([sys.executable, "-m", "backend.serve", "--address", ray_address], cwd=ROOT, env={
+        **env, "HYBRIDGL_MAX_QUEUE": "0"}, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "HYBRIDGL_MAX_QUEUE=0 must be at least 1" in bad.stderr
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--address", ray_address, "--port", str(port),
+                             "--replicas", "1", "--cpus-per-replica", "0.5"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None and time.time() < deadline, f"no /health (exit {proc.poll()}): {tail(log)}"
+            try:
+                status, _, health = call(f"http://127.0.0.1:{port}/health", headers=auth(), timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert (status, health) == flask_call(flask_client, "/health", headers=auth())[::2]
+        status, headers, answer = call(f"http://127.0.0.1:{port}/predict", body(TASKS[:2]), auth())
+        assert status == 200 and headers[REPLICA_HEADER]
+        assert without_region_ids(answer) == without_region_ids(flask_call(flask_client, "/predict", body(TASKS[:2]),
+                                                                            auth())[2])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, tail(log)
+        assert "serving http://127.0.0.1:%d with 1 model replicas" % port in tail(log)
+        assert APP_NAME not in serve.status().applications  # removed; the cluster itself keeps running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        serve.shutdown()  # the Serve instance that command started (its proxy on --port)
+
+
+def tail(log) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-3000:]
+
+
 def test_health_and_predict_answer_what_the_flask_app_answers(url, flask_client):
     status, headers, health = call(url + "/health", headers=auth())
     assert status == 200 and (status, health) == flask_call(flask_client, "/health", headers=auth())[::2]
@@ -190,6 +251,7 @@ def test_requests_reach_both_replicas(url):
 
 def test_health_answers_while_every_replica_is_busy_and_past_the_bound_predict_gets_503(url, ls):
     gate = ls.files.gate
+    gate.clear()
     answers: dict[int, tuple] = {}
     # every replica takes HYBRIDGL_MAX_QUEUE=1 predict; they wait for images that are not sent yet
     threads = [threading.Thread(target=lambda i=i: answers.__setitem__(
@@ -219,4 +281,48 @@ def test_health_answers_while_every_replica_is_busy_and_past_the_bound_predict_g
     assert len({headers[REPLICA_HEADER] for _, headers, _ in admitted}) == 2  # one per replica
     # the slots were given back
     status, _, answer = call(url + "/predict", body([task(200, "a.png", "the cup")]), auth())
+    assert status == 200 and "error" not in answer["results"][0]
+
+
+def replica_counts(url: str) -> dict[str, dict]:
+    """Each replica's /metrics counts (asked until both replicas answered, bounded)."""
+    counts: dict[str, dict] = {}
+    for _ in range(60):
+        _, headers, metrics = call(url + "/metrics", headers=auth())
+        counts[headers[REPLICA_HEADER]] = metrics["counts"]
+        if len(counts) == 2:
+            break
+    assert len(counts) == 2
+    return counts
+
+
+def test_a_client_that_left_gets_nothing_computed(url, ls):
+    """Serve cancels the call of a client that closed its connection; the replica then skips the
+    request's tasks (errors.client_gone), as the gunicorn app does."""
+    def total(key: str) -> int:
+        return sum(c.get(key, 0) for c in replica_counts(url).values())
+
+    gone_before, ok_before = total("errors.client_gone"), total("tasks.ok")
+    gate = ls.files.gate
+    gate.clear()
+    try:
+        payload = json.dumps(body([task(300 + i, f"slow-gone-{i}.png", "the cup") for i in range(3)])).encode()
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + b"Authorization: " + auth()["Authorization"].encode() + b"\r\n"
+                     + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        deadline = time.time() + 60  # the first task's image is being fetched: the predict holds its replica
+        while not any(path.startswith("/data/upload/1/slow-gone-") for path, _ in list(ls.log)):
+            assert time.time() < deadline, "the predict did not reach Label Studio"
+            time.sleep(0.05)
+        sock.close()  # Label Studio gives up (its 100 s limit)
+        time.sleep(2)  # Serve notices the closed connection and cancels the call
+    finally:
+        gate.set()
+    deadline = time.time() + 120
+    while total("errors.client_gone") - gone_before < 3:
+        assert time.time() < deadline, "the tasks of the client that left were not skipped"
+        time.sleep(0.5)
+    assert total("tasks.ok") == ok_before  # none was computed
+    status, _, answer = call(url + "/predict", body([task(310, "b.png", "the chair")]), auth())
     assert status == 200 and "error" not in answer["results"][0]
