@@ -15,7 +15,8 @@ the project's model_version is set to this one (and, with --sampling, its task s
 Label Studio's score column, review queue and pre-filled masks read these predictions.
 When Label Studio goes away mid-run (a restart), the run waits for it with backoff for --retry-for
 seconds (default 300), then resumes; past that it stops with exit status 3 and rerunning it later
-finishes the rest.
+finishes the rest. With --ray too: tasks whose images the workers could not fetch while it was away
+are predicted again once it is back.
 
 Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
@@ -296,7 +297,7 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
                 reconnect.until_back()
             yield task, outcome
 
-    outcomes = (predict or predict_here)(todo, interface)
+    outcomes = redo_when_back(predict, todo, interface, reconnect) if predict else predict_here(todo, interface)
     try:
         for task, outcome in outcomes:
             data = task.get("data") if isinstance(task.get("data"), dict) else {}
@@ -340,6 +341,27 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         print(f"report: {report / 'scores.csv'}, {report / 'score_histogram.png'}", file=out)
     print_summary(summary, out)
     return summary
+
+
+def redo_when_back(predict, tasks: list[dict], interface: Interface,
+                   reconnect: Reconnect) -> Iterator[tuple[dict, Any]]:
+    """The outcomes of `predict` (a stream whose images are fetched elsewhere: --ray), except that the
+    tasks that failed because Label Studio was away are predicted again once `reconnect` finds it
+    back (or LabelStudioGone ends the run: they were not reached). A task failing so a second time
+    while Label Studio answers keeps its failure (its image host, not Label Studio, is unreachable)."""
+    tried: set = set()
+    while tasks:
+        again = []
+        for task, outcome in predict(tasks, interface):
+            if outcome.ok or outcome.error.kind not in CONNECTION_KINDS or \
+                    (task.get("id") in tried and reconnect.up()):
+                yield task, outcome
+            else:
+                again.append(task)
+        if again and not reconnect.up():
+            reconnect.until_back()
+        tried.update(t.get("id") for t in again)
+        tasks = again
 
 
 SAMPLING = {"sequential": "Sequential sampling", "uniform": "Uniform sampling", "uncertainty": "Uncertainty sampling"}

@@ -159,7 +159,7 @@ def environment_of(settings: Settings) -> dict[str, str]:
             "HYBRIDGL_RETRY_AFTER": str(settings.retry_after), "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
 
 
-def test_the_command_serves_from_the_environment_and_stops_on_sigterm(ray_address, settings, flask_client):  # noqa: F811
+def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, settings, flask_client):  # noqa: F811
     """`python -m backend.serve --address ...` joins the cluster, serves the environment's settings on
     --port, and on SIGTERM removes its application and exits 0; a bad setting stops it at once (2)."""
     env = driver_environment({**{k: v for k, v in os.environ.items()
