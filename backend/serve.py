@@ -18,7 +18,9 @@ Bounds: a replica serves HYBRIDGL_MAX_QUEUE predicts (its own `Admission` answer
 plus a few threads for /metrics, /setup and /webhook; when every replica is full, at most
 HYBRIDGL_MAX_QUEUE more requests wait at the ingress, and the next get 503 with Retry-After.
 /health never waits for a model. A client that leaves (Serve cancels its call) gets the rest of
-its tasks skipped, as with gunicorn. Limits (per-replica image cache, /setup, /metrics): docs/ray.md.
+its tasks skipped, as with gunicorn. A /setup is answered by one replica; the ingress keeps the
+last successful one per project and every replica replays those it missed before its next request.
+Limits (per-replica image cache, /metrics): docs/ray.md.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ import argparse
 import asyncio
 import base64
 import functools
+import json
 import os
 import signal
 import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +51,7 @@ APP_NAME = "hybridgl"
 MODEL, INGRESS = "HybridGLModel", "HybridGLIngress"
 REPLICA_HEADER = "X-HybridGL-Replica"  # which model replica answered (logs, tests)
 SIDE_THREADS = 4  # per replica, beyond HYBRIDGL_MAX_QUEUE: /metrics, /setup, /webhook never wait for predicts
+MAX_SETUPS = 1000  # projects whose last /setup every replica replays (the oldest are dropped past it)
 INGRESS_LIMIT = 256  # requests in the ingress at once (it only awaits); past that many more, the proxy says 503
 # read by the weights loader and logging in the replica's own process (not part of Settings)
 FORWARDED_ENV = ("MODEL_DIR", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HYBRIDGL_OFFLINE", "HYBRIDGL_SAM_SHA256",
@@ -98,12 +103,22 @@ class ModelReplica:
         self.app = create_app(settings=settings)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wsgi")
         self.replica = serve.get_replica_context().replica_tag
+        self.applied, self.setup_lock = 0, threading.Lock()  # the last /setup of the ingress's log replayed here
 
-    async def call(self, request: WsgiRequest) -> tuple[int, list[tuple[str, str]], bytes, str]:
+    def _serve(self, setups: list[tuple[int, WsgiRequest]], environ: dict) -> tuple[int, list, bytes]:
+        with self.setup_lock:  # the /setup calls other replicas answered, in order, before this request
+            for seq, setup in setups:
+                if seq > self.applied:
+                    _call_wsgi(self.app, setup.environ())  # a refusal (409) here was answered there already
+                    self.applied = seq
+        return _call_wsgi(self.app, environ)
+
+    async def call(self, request: WsgiRequest,
+                   setups: list[tuple[int, WsgiRequest]] = ()) -> tuple[int, list[tuple[str, str]], bytes, str]:
         gone = threading.Event()
         environ = request.environ()
         environ[CLIENT_GONE] = gone.is_set
-        work = asyncio.get_running_loop().run_in_executor(self.pool, _call_wsgi, self.app, environ)
+        work = asyncio.get_running_loop().run_in_executor(self.pool, self._serve, list(setups), environ)
         try:
             status, headers, body = await asyncio.shield(work)
         except asyncio.CancelledError:  # the client left (Serve cancels the call): skip its remaining tasks
@@ -139,6 +154,10 @@ class Ingress:
 
     async def __init__(self, model, settings: Settings):
         self.model, self.settings = model, settings
+        # /setup reaches one replica: the successful ones (the last per project) go along with every
+        # request, and each replica replays those it has not seen before serving it
+        self.setups: OrderedDict[Any, tuple[int, WsgiRequest]] = OrderedDict()
+        self.setup_seq = 0
         # the same /health body as the gunicorn app; asked once, so it never waits behind a predict
         status, _, body, _ = await model.call.remote(_health_request(settings))
         if status != 200:
@@ -161,13 +180,27 @@ class Ingress:
             return _json(413, RequestEntityTooLarge.description)
         retry = {"Retry-After": str(self.settings.retry_after)}
         try:
-            status, headers, body, replica = await self.model.call.remote(wsgi)
+            status, headers, body, replica = await self.model.call.remote(wsgi, list(self.setups.values()))
         except BackPressureError:
             return _json(503, "busy: every model replica is full and HYBRIDGL_MAX_QUEUE requests wait for one; "
                               "retry later", retry)
         except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as exc:
             return _json(503, f"a model replica is unavailable ({type(exc).__name__}); retry later", retry)
+        if wsgi.method == "POST" and wsgi.path == "/setup" and status == 200:
+            self._remember_setup(wsgi)
         return StarletteResponse(body, status, headers={**dict(headers), REPLICA_HEADER: replica})
+
+    def _remember_setup(self, setup: WsgiRequest) -> None:
+        try:
+            project = json.loads(setup.body).get("project")
+        except (ValueError, AttributeError):
+            project = None
+        key = str(project) if project is not None else None
+        self.setup_seq += 1
+        self.setups.pop(key, None)
+        self.setups[key] = (self.setup_seq, setup)  # the log stays in replay order
+        while len(self.setups) > MAX_SETUPS:
+            self.setups.popitem(last=False)
 
 
 async def _read_body(request) -> bytes | None:

@@ -94,6 +94,7 @@ def url(ray_address, settings):  # noqa: F811
     started.join(300)  # serve.run returns once every replica answers; bounded here
     try:
         assert not started.is_alive(), "the Serve application did not start within 300 s"
+        wait_healthy(f"http://127.0.0.1:{port}", 60)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -175,15 +176,8 @@ def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, se
                              "--replicas", "1", "--cpus-per-replica", "0.5"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None and time.time() < deadline, f"no /health (exit {proc.poll()}): {tail(log)}"
-            try:
-                status, _, health = call(f"http://127.0.0.1:{port}/health", headers=auth(), timeout=5)
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert (status, health) == flask_call(flask_client, "/health", headers=auth())[::2]
+        health = wait_healthy(f"http://127.0.0.1:{port}", 300, lambda: f"exit {proc.poll()}: {tail(log)}")
+        assert (200, health) == flask_call(flask_client, "/health", headers=auth())[::2]
         status, headers, answer = call(f"http://127.0.0.1:{port}/predict", body(TASKS[:2]), auth())
         assert status == 200 and headers[REPLICA_HEADER]
         assert without_region_ids(answer) == without_region_ids(flask_call(flask_client, "/predict", body(TASKS[:2]),
@@ -197,6 +191,20 @@ def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, se
             proc.kill()
             proc.wait(30)
         serve.shutdown()  # the Serve instance that command started (its proxy on --port)
+
+
+def wait_healthy(url: str, timeout: float, why=lambda: "") -> dict:
+    """/health's answer once it is 200 (the proxy may answer 404 before the application's route is in place)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            status, _, health = call(url + "/health", headers=auth(), timeout=5)
+            if status == 200:
+                return health
+        except (OSError, ValueError):
+            pass
+        assert time.time() < deadline, f"no /health from {url} in {timeout} s {why()}"
+        time.sleep(0.5)
 
 
 def tail(log) -> str:
@@ -326,3 +334,26 @@ def test_a_client_that_left_gets_nothing_computed(url, ls):
     assert total("tasks.ok") == ok_before  # none was computed
     status, _, answer = call(url + "/predict", body([task(310, "b.png", "the chair")]), auth())
     assert status == 200 and "error" not in answer["results"][0]
+
+
+def test_a_setup_answered_by_one_replica_reaches_every_replica(url):
+    """Label Studio's /setup (its host, token and labelling config for a project) reaches one
+    replica; predicts for that project must work on every replica (here: the images exist only on
+    the /setup's Label Studio, and the predicts carry no label_config)."""
+    other = FakeLabelStudio({"only-there.png": IMAGE_B})
+    project = "2.1700000000"
+    try:
+        status, _, answer = call(url + "/setup", {"project": project, "hostname": other.url, "access_token": TOKEN,
+                                                  "schema": CONFIG}, auth())
+        assert status == 200 and "model_version" in answer
+        seen: set[str] = set()
+        for i in range(40):
+            status, headers, answer = call(url + "/predict", {"tasks": [task(400 + i, "only-there.png", "the chair")],
+                                                              "project": project}, auth())
+            assert status == 200 and "error" not in answer["results"][0], answer
+            seen.add(headers[REPLICA_HEADER])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2
+    finally:
+        other.close()
