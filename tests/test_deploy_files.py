@@ -188,6 +188,27 @@ def test_dockerfile():
 
 
 
+def test_compose_serve_profile():
+    doc = compose("docker-compose.yml")
+    serve, head = doc["services"]["ray-serve"], doc["services"]["ray-head"]
+    assert serve["profiles"] == ["serve"] and serve["image"] == head["image"]  # the Ray image, not a new one
+    cmd = serve["command"]
+    assert cmd[:3] == ["python", "-m", "backend.serve"] and "build" not in serve and "deploy" not in serve
+    port = re.search(r"--port=(\d+)", " ".join(head["command"])).group(1)
+    assert cmd[cmd.index("--address") + 1] == f"ray-head:{port}" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--port") + 1] == "9090" and cmd[cmd.index("--gpus-per-replica") + 1] == "1"
+    env = env_of(serve)
+    for name, value in env_of(head).items():  # the cluster's token and the driver's settings, and auth
+        assert env[name] == value
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "HYBRIDGL_WEBHOOK_SECRET", "DEVICE"):
+        assert env[name] == env_of(doc["services"]["backend"])[name]
+    from backend.serve import main
+
+    with pytest.raises(SystemExit) as parsed:  # every option the service passes exists, with its default value
+        main([re.sub(r"\$\{\w+:-(.*)\}", r"\1", arg) for arg in cmd[3:]] + ["--help"])
+    assert parsed.value.code == 0
+
+
 def test_dockerfile_installs_ray_only_when_asked():
     assert "WITH_RAY=0" in instructions("ARG")
     (ray_run,) = [r for r in instructions("RUN") if "requirements-ray.txt" in r]
