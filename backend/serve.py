@@ -169,8 +169,9 @@ class Ingress:
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        wsgi = WsgiRequest(request.method, request.url.path, request.url.query,
-                           [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                   if k.decode("latin-1").lower() not in _HOP_BY_HOP]  # the body arrives whole: no chunking
+        wsgi = WsgiRequest(request.method, request.url.path, request.url.query, headers,
                            remote_addr=request.client.host if request.client else "")
         if request.method in ("GET", "HEAD") and wsgi.path in ("/", "/health"):
             status, headers, body = _call_wsgi(self.front, wsgi.environ())
@@ -281,6 +282,17 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _why(serve) -> str:
+    """The last line of each failed deployment's error (e.g. the loader's SettingsError), if Serve has one."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:  # noqa: BLE001 - only an addition to the message
+        return ""
+    lines = [f"\n  {name}: {d.message.strip().splitlines()[-1]}" for name, d in deployments.items()
+             if d.message and d.message.strip()]
+    return "".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", default=None,
@@ -315,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 serve.run(build_app(settings, options, resources), name=APP_NAME, route_prefix="/")
             except RuntimeError as exc:  # a replica could not start (weights, settings): Serve says why
-                print(f"error: the deployment failed: {exc}", file=sys.stderr)
+                print(f"error: the deployment failed: {exc}{_why(serve)}", file=sys.stderr)
+                serve.delete(APP_NAME)
                 return 1
             print(f"serving http://{args.host}:{args.port} with {replicas} model replicas "
                   f"({gpus:g} GPU, {cpus:g} CPU each)", flush=True)

@@ -162,7 +162,8 @@ def environment_of(settings: Settings) -> dict[str, str]:
 
 def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, settings, flask_client):  # noqa: F811
     """`python -m backend.serve --address ...` joins the cluster, serves the environment's settings on
-    --port, and on SIGTERM removes its application and exits 0; a bad setting stops it at once (2)."""
+    --port, and on SIGTERM removes its application and exits 0; a bad setting stops it at once (2),
+    weights that cannot be loaded once the replicas fail (1), saying why."""
     env = driver_environment({**{k: v for k, v in os.environ.items()
                                  if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_", "BASIC_AUTH_"))},
                               **environment_of(settings),
@@ -170,6 +171,15 @@ def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, se
     bad = subprocess.run([sys.executable, "-m", "backend.serve", "--address", ray_address], cwd=ROOT, env={
         **env, "HYBRIDGL_MAX_QUEUE": "0"}, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "HYBRIDGL_MAX_QUEUE=0 must be at least 1" in bad.stderr
+    try:  # weights a replica cannot load: the deployment fails, and the command says why
+        bad = subprocess.run([sys.executable, "-m", "backend.serve", "--address", ray_address, "--port",
+                              str(free_port()), "--replicas", "1", "--cpus-per-replica", "0.5"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300,
+                             env={**env, "HYBRIDGL_SAM_CHECKPOINT": str(ROOT / "no-such-checkpoint.pt")})
+    finally:
+        serve.shutdown()  # the Serve instance it started (its proxy on that port)
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "the deployment failed" in bad.stderr and "SAM checkpoint not found" in bad.stderr.split("error:")[-1]
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--address", ray_address, "--port", str(port),
