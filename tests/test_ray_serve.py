@@ -28,7 +28,7 @@ import torch
 from ray_local import driver_environment, ray, ray_address  # noqa: F401 (ray_address: a fixture)
 
 from backend._wsgi import create_app
-from backend.serve import APP_NAME, REPLICA_HEADER, ServeOptions, build_app
+from backend.serve import APP_NAME, INGRESS, MODEL, REPLICA_HEADER, ServeOptions, build_app
 from backend.settings import Settings
 from test_backend import CONFIG, IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio, task
 from tiny_models import PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
@@ -201,6 +201,30 @@ def test_the_command_serves_the_environment_and_stops_on_sigterm(ray_address, se
             proc.kill()
             proc.wait(30)
         serve.shutdown()  # the Serve instance that command started (its proxy on --port)
+
+
+def test_serve_run_builds_the_application_from_arguments(ray_address, settings, flask_client):  # noqa: F811
+    """`serve run backend.serve:build replicas=1 ...` (Serve's own CLI, as a config file or KubeRay
+    imports it) deploys the same application, with the environment's settings."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})  # `serve run` deploys onto this Serve
+    env = driver_environment({**{k: v for k, v in os.environ.items()
+                                 if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_", "BASIC_AUTH_"))},
+                              **environment_of(settings),
+                              "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    try:
+        out = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", "--address",
+                              ray_address, "--name", APP_NAME, "backend.serve:build", "replicas=1",
+                              "gpus_per_replica=0", "cpus_per_replica=0.5"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        health = wait_healthy(f"http://127.0.0.1:{port}", 120)
+        assert (200, health) == flask_call(flask_client, "/health", headers=auth())[::2]
+        deployments = serve.status().applications[APP_NAME].deployments
+        assert set(deployments) == {MODEL, INGRESS}
+        assert call(f"http://127.0.0.1:{port}/metrics")[0] == 401  # the environment's basic auth
+    finally:
+        serve.shutdown()
 
 
 def wait_healthy(url: str, timeout: float, why=lambda: "") -> dict:
