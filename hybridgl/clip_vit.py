@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import QuickGELUActivation
 
 
 def vision_tower(clip: nn.Module) -> nn.Module:
@@ -85,7 +86,13 @@ def attention(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = 
 
 
 def mlp_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x + layer.mlp(layer.layer_norm2(x))
+    """x + mlp(ln2 x); CLIP's quick GELU is applied in place (its [B,L,4C] input is the largest tensor)."""
+    mlp = layer.mlp
+    if not isinstance(mlp.activation_fn, QuickGELUActivation):
+        return x + mlp(layer.layer_norm2(x))
+    hidden = mlp.fc1(layer.layer_norm2(x))
+    hidden.mul_(torch.sigmoid(1.702 * hidden))  # QuickGELUActivation's formula, same rounding
+    return x + mlp.fc2(hidden)
 
 
 def residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:

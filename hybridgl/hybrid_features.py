@@ -195,8 +195,9 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     blurred = torch.from_numpy(blur(image, config.blur_kernel)).to(device)
     resampler = Resampler(image.shape[0], image.shape[1], config.clip_input_size, device)
     out = []
-    for lo in range(0, n, config.feature_batch_size):
-        batch = masks[lo:lo + config.feature_batch_size]
+    per_pass = config.feature_batch_size or (32 if device.type == "cuda" else 4)
+    for lo in range(0, n, per_pass):
+        batch = masks[lo:lo + per_pass]
         local = local_inputs(image01, batch, config, resampler)
         glob = global_inputs(sharp, blurred, batch, config, resampler)
         w = token_masks(batch, grid)

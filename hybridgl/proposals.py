@@ -23,6 +23,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
 from .config import HybridGLConfig
+from .sam_vit import decode_masks, image_embedding
 
 log = logging.getLogger("hybridgl.proposals")
 
@@ -132,7 +133,7 @@ class MaskProposer:
         x = self.sam.preprocess(resized.permute(2, 0, 1).contiguous()[None])
         # the fast mode on GPU: float16 encoder (the mask decoder and thresholds stay float32)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.config.fast and x.device.type == "cuda"):
-            embedding = self.sam.image_encoder(x)
+            embedding = image_embedding(self.sam, x)
         return embedding.float(), tuple(resized.shape[:2])
 
     def _crop(self, image: np.ndarray, crop_box: list[int], layer: int
@@ -155,15 +156,8 @@ class MaskProposer:
         """Masks of a batch of point prompts (3 per point) that pass the quality filters."""
         cfg, sam = self.config, self.sam
         coords = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=sam.device)
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
-        sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
-        low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=True)
-        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)  # [3B,256,256], [3B]
-        if cfg.pred_iou_thresh > 0.0:  # the filter needs no mask: drop before upsampling
-            keep = iou > cfg.pred_iou_thresh
-            low_res, iou = low_res[keep], iou[keep]
+        # the predicted-IoU filter needs no mask: only the masks it keeps are computed at all
+        low_res, iou = decode_masks(sam, embedding, coords, self._good_enough)
         height, width = image_size
         if not len(iou):
             return (torch.zeros(0, height, width, dtype=torch.bool, device=iou.device),
@@ -177,6 +171,12 @@ class MaskProposer:
         boxes = batched_mask_to_box(masks)
         keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
         return uncrop_masks(masks[keep], crop_box, height, width), boxes[keep], iou[keep]
+
+    def _good_enough(self, iou: torch.Tensor) -> torch.Tensor:
+        """The predicted-IoU filter: predicted IoU [n] -> bool [n]."""
+        if self.config.pred_iou_thresh > 0.0:
+            return iou > self.config.pred_iou_thresh
+        return torch.ones_like(iou, dtype=torch.bool)
 
     def _remove_small_regions(self, masks: torch.Tensor, iou: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
