@@ -78,10 +78,9 @@ def attention(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = 
     """
     attn = layer.self_attn
     q, k, v = qkv(layer, x)
-    scores = (q @ k.transpose(-2, -1)) * attn.scale  # [B,h,L,L]
-    if blocked is not None:
-        scores = scores.masked_fill(blocked[:, None], float("-inf"))
-    out = scores.softmax(dim=-1) @ v
+    # softmax(q k^T * scale, blocked keys at -inf) v, fused: no [B,h,L,L] scores in memory
+    allowed = None if blocked is None else ~blocked[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scale)
     return attn.out_proj(merge_heads(out))
 
 
@@ -111,10 +110,9 @@ def cls_residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor 
     normed = layer.layer_norm1(x)
     q = split_heads(attn.q_proj(normed[:, :1]), attn.num_heads)  # [B,h,1,d]
     k, v = split_heads(attn.k_proj(normed), attn.num_heads), split_heads(attn.v_proj(normed), attn.num_heads)
-    scores = (q @ k.transpose(-2, -1)) * attn.scale  # [B,h,1,L]
-    if blocked is not None:
-        scores = scores.masked_fill(blocked[:, None, :1], float("-inf"))
-    x = x[:, :1] + attn.out_proj(merge_heads(scores.softmax(dim=-1) @ v))
+    allowed = None if blocked is None else ~blocked[:, None, :1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scale)  # [B,h,1,d]
+    x = x[:, :1] + attn.out_proj(merge_heads(out))
     return mlp_residual(layer, x)
 
 

@@ -133,12 +133,9 @@ def evaluate_on_ray(args: argparse.Namespace, dataset: EvalDataset, out_dir: str
             bar.close()
     elapsed = time.perf_counter() - t0
     records = [done[s.key] for s in dataset.samples() if s.key in done]
-    run = {"images_prepared": images_done, "expressions_segmented": exprs_done, "errors": failures.count,
-           "resumed_from": already, "seconds": round(elapsed, 3),
-           "seconds_per_expression": round(elapsed / exprs_done, 4) if exprs_done else None,
-           "device": info["device"], "ray": {"actors": actors, "worker_processes": len(workers)}}
-    if proposals_cache:
-        run["proposal_cache"] = {"hits": hits, "misses": misses}
+    run = runner.run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"],
+                           (hits, misses) if proposals_cache else None)
+    run["ray"] = {"actors": actors, "worker_processes": len(workers)}
     return runner.write_outputs(records, out_dir, {**info, "run": run, "num_images": dataset.num_images,
                                                    "skipped": dataset.skipped},
                                 good_iou=good_iou, targets=targets, plots=plots, write_lines=False)

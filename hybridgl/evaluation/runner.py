@@ -322,16 +322,22 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
         bar.close()
     elapsed = time.perf_counter() - t0
     records = [done[s.key] for s in dataset.samples() if s.key in done]
-    extra = {"run": {"images_prepared": images_done, "expressions_segmented": exprs_done,
-                     "errors": failures.count,
-                     "resumed_from": already, "seconds": round(elapsed, 3),
-                     "seconds_per_expression": round(elapsed / exprs_done, 4) if exprs_done else None,
-                     "device": info["device"]},
+    cache = (proposals_fn.hits, proposals_fn.misses) if isinstance(proposals_fn, ProposalCache) else None
+    extra = {"run": run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"], cache),
              "num_images": dataset.num_images, "skipped": dataset.skipped}
-    if isinstance(proposals_fn, ProposalCache):
-        extra["run"]["proposal_cache"] = {"hits": proposals_fn.hits, "misses": proposals_fn.misses}
     return write_outputs(records, out_dir, {**info, **extra}, good_iou=good_iou, targets=targets,
                          plots=plots, write_lines=False)
+
+
+def run_stats(images: int, expressions: int, errors: int, resumed_from: int, seconds: float, device: str,
+              cache: tuple[int, int] | None = None) -> dict:
+    """metrics.json's "run" entry: what this run did (not what earlier runs of a resumed output did)."""
+    run = {"images_prepared": images, "expressions_segmented": expressions, "errors": errors,
+           "resumed_from": resumed_from, "seconds": round(seconds, 3),
+           "seconds_per_expression": round(seconds / expressions, 4) if expressions else None, "device": device}
+    if cache is not None:
+        run["proposal_cache"] = {"hits": cache[0], "misses": cache[1]}
+    return run
 
 
 def _failed(rec: dict) -> bool:
