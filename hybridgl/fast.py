@@ -1,7 +1,9 @@
 """The fast mode: hybrid features in low precision, exact float32 wherever a decision is close.
 
 `prepare` runs the 2N-image hybrid-feature pass under autocast (bfloat16 on CPU, float16 on
-GPU) and measures its error on a few probe masks also computed in float32. A semantic score
+GPU) and measures its error on a few probe masks also computed in float32 (where that error is
+as large as the distances between masks' features, low precision could decide nothing, and
+the features are computed in float32 straight away). A semantic score
 S = logit_scale * cos(v, t) then moves by at most eps = logit_scale * max ||v_low - v_exact||
 (unit vectors, any text), times a safety factor since the probes are a sample. `decision_is_safe`
 propagates eps through the method (softmax, relation guidance, softmax, Eq. 9) and accepts the
@@ -38,18 +40,30 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
                   device: torch.device) -> tuple[torch.Tensor, float | None]:
     """Hybrid features [N,D] in low precision and their error bound on unit vectors (None: exact).
 
-    The probes' exact features replace their low-precision ones.
+    The probes are computed in both precisions first. Where the low precision's error reaches
+    half the largest distance between the probes' unit features, it cannot tell even those masks
+    apart for some text and every decision would fall back: the features are then computed in
+    float32 at once (what the fast mode costs over the exact one is the probes' low-precision
+    pass). Otherwise the other masks are computed in low precision; the probes keep their exact
+    features.
     """
     n = len(masks)
     if n <= config.fast_probes:  # nothing to gain: compute them exactly
         return hybrid_features(clip, image, masks, config, device), None
-    low = hybrid_features(clip, image, masks, config.replace(dtype=low_precision(device)), device)
+    low_config = config.replace(dtype=low_precision(device))
     probes = probe_indices(masks, config.fast_probes)
     exact = hybrid_features(clip, image, masks[probes], config, device)
-    idx = torch.from_numpy(probes).to(low.device)
-    error = (F.normalize(low[idx], dim=-1) - F.normalize(exact, dim=-1)).norm(dim=-1).max().item()
-    low[idx] = exact
-    return low, error * config.fast_safety
+    unit = F.normalize(exact, dim=-1)
+    error = (F.normalize(hybrid_features(clip, image, masks[probes], low_config, device), dim=-1)
+             - unit).norm(dim=-1).max().item() * config.fast_safety
+    spread = torch.cdist(unit, unit).max().item()
+    rest = np.setdiff1d(np.arange(n), probes)
+    precise = error >= spread / 2
+    features = torch.empty(n, exact.shape[1], dtype=exact.dtype, device=exact.device)
+    features[torch.from_numpy(probes).to(exact.device)] = exact
+    features[torch.from_numpy(rest).to(exact.device)] = hybrid_features(
+        clip, image, masks[rest], config if precise else low_config, device)
+    return features, None if precise else error
 
 
 def _boundary_margin(scores: np.ndarray, k: int) -> float:

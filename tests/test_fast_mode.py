@@ -13,6 +13,7 @@ import pytest
 
 from hybridgl import HybridGL, HybridGLConfig
 from hybridgl.fast import decision_is_safe, probe_indices
+from hybridgl.hybrid_features import hybrid_features
 
 from test_golden import CASES, EXACT, load_case
 
@@ -89,3 +90,19 @@ def test_probes_span_the_mask_areas():
         masks[i].flat[:area] = True
     assert probe_indices(masks, 2).tolist() == [1, 2]  # smallest and largest
     assert sorted(probe_indices(masks, 3).tolist()) == [0, 1, 2]  # areas 5, 30, 80
+
+
+def test_fast_mode_goes_float32_at_once_where_low_precision_tells_no_mask_apart(fast_model):
+    """Masks whose features differ by less than the low precision's error (here: one mask and
+    copies of it one pixel apart): every decision would fall back, so prepare computes float32
+    features straight away; the result equals the exact features."""
+    data, image, _ = load_case(CASES[0])
+    base = data["masks"][0]
+    masks = np.repeat(base[None], 5, axis=0)
+    ys, xs = np.nonzero(base)
+    for i in range(1, 5):
+        masks[i, ys[i], xs[i]] = False
+    view = fast_model.prepare(image, proposals=masks)
+    assert view.feature_error is None
+    exact = hybrid_features(fast_model.clip, view.image, masks, fast_model.config.replace(fast=False))
+    np.testing.assert_allclose(view.features.numpy(), exact.numpy(), rtol=0, atol=1e-5)
