@@ -55,7 +55,8 @@ def attention(attn: nn.Module, x: torch.Tensor, chunk: int = SCORE_CHUNK) -> tor
             if attn.use_rel_pos:
                 grid = scores.view(scores.shape[0], r1 - r0, width, height, width)
                 grid.add_(rel_h[g, r0:r1, :, :, None]).add_(rel_w[g, r0:r1, :, None, :])
-            torch.matmul(scores.softmax(dim=-1), v[g], out=out[g, r0 * width:r1 * width])
+            # no out=: under autocast softmax may return float32 and matmul must cast it back
+            out[g, r0 * width:r1 * width] = scores.softmax(dim=-1) @ v[g]
     out = out.view(b, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(b, height, width, -1)
     return attn.proj(out)
 

@@ -73,3 +73,12 @@ def test_filter_sees_every_prediction_once(sam):
     sam_vit.decode_masks(sam, torch.randn(1, 32, 10, 10), coords, lambda v: seen.append(v.clone()) or v > 0,
                          prompts_per_pass=3)
     assert [len(v) for v in seen] == [9, 9, 3]  # 3 multimask predictions per prompt, batch by batch
+
+
+def test_image_embedding_under_autocast(sam):
+    """The fast mode runs the encoder under autocast (float16 on a GPU): mixed dtypes must work."""
+    pixels = torch.randn(1, 3, 160, 160)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sam.image_encoder(pixels)
+        got = sam_vit.image_embedding(sam, pixels, chunk=100 * 8)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
