@@ -3,9 +3,10 @@
 `prepare` runs the 2N-image hybrid-feature pass under autocast (bfloat16 on CPU, float16 on
 GPU) and measures its error on a few probe masks also computed in float32 (where that error is
 as large as the distances between masks' features, low precision could decide nothing, and
-the features are computed in float32 straight away). A semantic score
-S = logit_scale * cos(v, t) then moves by at most eps = logit_scale * max ||v_low - v_exact||
-(unit vectors, any text), times a safety factor since the probes are a sample. `decision_is_safe`
+the features are computed in float32 straight away). The semantic scores S = logit_scale *
+cos(v, t) then lie within eps = logit_scale * max ||d_i - d_j|| / 2 (d = v_low - v_exact on unit
+vectors, any text) of the exact ones up to a shift that no choice sees (`feature_error`), times
+a safety factor since the probes are a sample. `decision_is_safe`
 propagates eps through the method (softmax, relation guidance, softmax, Eq. 9) and accepts the
 low-precision answer only when no perturbation within eps can change a choice: the candidate
 sets I and J, the semantic argmax and the final argmax. Otherwise the view's features are
@@ -35,6 +36,20 @@ def probe_indices(masks: np.ndarray, count: int) -> np.ndarray:
     return np.unique(order[np.linspace(0, len(order) - 1, count).round().astype(np.int64)])
 
 
+def feature_error(delta: torch.Tensor) -> float:
+    """The error that matters for the method's choices, from the probes' errors on unit features [P,D].
+
+    Every choice depends on the semantic scores only through their differences (top-k, argmax
+    and softmax ignore a shift common to all masks), and S_i - S_j moves by at most
+    logit_scale * ||delta_i - delta_j|| for any text. So the low-precision scores are within
+    logit_scale * max ||delta_i - delta_j|| / 2 of the exact ones shifted by a constant: half the
+    largest difference between errors, not the largest error (errors shared by all masks cancel).
+    """
+    if len(delta) < 2:
+        return delta.norm(dim=-1).max().item()
+    return torch.cdist(delta, delta).max().item() / 2
+
+
 @torch.no_grad()
 def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
                   device: torch.device) -> tuple[torch.Tensor, float | None]:
@@ -54,8 +69,8 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     probes = probe_indices(masks, config.fast_probes)
     exact = hybrid_features(clip, image, masks[probes], config, device)
     unit = F.normalize(exact, dim=-1)
-    error = (F.normalize(hybrid_features(clip, image, masks[probes], low_config, device), dim=-1)
-             - unit).norm(dim=-1).max().item() * config.fast_safety
+    error = feature_error(F.normalize(hybrid_features(clip, image, masks[probes], low_config, device), dim=-1)
+                          - unit) * config.fast_safety
     spread = torch.cdist(unit, unit).max().item()
     rest = np.setdiff1d(np.arange(n), probes)
     precise = error >= spread / 2

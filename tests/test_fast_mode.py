@@ -10,9 +10,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from hybridgl import HybridGL, HybridGLConfig
-from hybridgl.fast import decision_is_safe, probe_indices
+from hybridgl.fast import decision_is_safe, feature_error, probe_indices
 from hybridgl.hybrid_features import hybrid_features
 
 from test_golden import CASES, EXACT, load_case
@@ -106,3 +108,21 @@ def test_fast_mode_goes_float32_at_once_where_low_precision_tells_no_mask_apart(
     assert view.feature_error is None
     exact = hybrid_features(fast_model.clip, view.image, masks, fast_model.config.replace(fast=False))
     np.testing.assert_allclose(view.features.numpy(), exact.numpy(), rtol=0, atol=1e-5)
+
+
+def test_feature_error_ignores_what_all_masks_share():
+    """Choices see only differences of scores: an error common to every mask costs nothing, and
+    the bound is half the largest difference between the masks' errors (never above the largest error)."""
+    common = torch.tensor([[0.3, 0.0, 0.0]] * 3)
+    assert feature_error(common) == 0.0
+    apart = torch.tensor([[0.1, 0.0, 0.0], [-0.1, 0.0, 0.0], [0.0, 0.05, 0.0]])
+    assert feature_error(apart) == pytest.approx(0.1)
+    assert feature_error(apart[:1]) == pytest.approx(0.1)  # one probe: no difference to measure
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        delta = torch.randn(4, 8, generator=gen) * 0.01 + torch.randn(1, 8, generator=gen)
+        assert feature_error(delta) <= delta.norm(dim=-1).max().item() + 1e-6
+        # the scores' errors minus their midpoint stay within logit_scale * feature_error, for any text
+        text = F.normalize(torch.randn(8, generator=gen), dim=0)
+        dS = 100.0 * delta @ text
+        assert (dS - (dS.max() + dS.min()) / 2).abs().max().item() <= 100.0 * feature_error(delta) + 1e-4
