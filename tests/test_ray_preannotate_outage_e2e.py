@@ -63,12 +63,15 @@ def test_label_studio_away_while_the_workers_fetch_is_waited_for_and_its_tasks_r
                               "--retry-for", "400", "--ray", ray_address, *RAY, wait=False))
     try:
         stop_once_listed(ls, run)
-        deadline = time.time() + 300  # until the workers' downloads meet the Label Studio that is away
-        while not any("unreachable: could not reach" in line for line in list(run.err)):
-            assert time.time() < deadline and run.proc.poll() is None, "".join(run.err)[-3000:]
-            time.sleep(0.2)
+        # the workers' downloads meet the Label Studio that is away, then the driver finds it away
+        # and waits: Label Studio comes back only then (sooner, the driver would not have to wait)
+        for said in ("unreachable: could not reach", "does not answer: retrying"):
+            deadline = time.time() + 300
+            while not any(said in line for line in list(run.err) + list(run.out)):
+                assert time.time() < deadline and run.proc.poll() is None, "".join(run.err)[-3000:]
+                time.sleep(0.2)
     finally:
-        ls.restart()  # takes seconds: the driver finds it away once the workers are done, and waits
+        ls.restart()
     rc, out, err = run.finish(900)
     assert rc == 0, err[-3000:]
     s = summary_of(out)
