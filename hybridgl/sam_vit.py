@@ -9,7 +9,7 @@ What changes is only work nobody reads or memory traffic:
   scores in the global blocks and adds to them out of place twice (three passes over ~800 MB).
 - The mask decoder (`decode_masks`) is given all of a batch's point prompts on one image. Its
   first layer sees the same image tokens for every prompt, so their projections are computed
-  once instead of once per prompt; prompts are decoded a few at a time (cache-sized tensors);
+  once instead of once per prompt; prompts are decoded a few at a time on CPU (cache-sized tensors);
   and the quality filter, which reads only the IoU head, runs before the output upscaling, so
   only masks that survive it are upscaled.
 Shapes: B batch, H x W token grid, C width, h heads, d = C / h.
@@ -23,17 +23,23 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import nn
 
-# Scores per chunk of rows in `attention` (floats): a few MB, so a chunk stays in cache.
-SCORE_CHUNK = 1 << 20
-# Point prompts decoded together in `decode_masks`: per-prompt image tokens stay tens of MB.
-PROMPT_CHUNK = 8
+# Scores per chunk of rows in `attention` (floats): a few MB on CPU, so a chunk stays in cache; a
+# GPU wants few large kernels (256 MB: a global block's heads in a handful of chunks).
+SCORE_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
+# Point prompts decoded together in `decode_masks`: on CPU per-prompt image tokens stay tens of MB.
+PROMPT_CHUNK = {"cpu": 8, "cuda": 64}
 
 
-def attention(attn: nn.Module, x: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def _per_device(sizes: dict[str, int], device: torch.device) -> int:
+    return sizes.get(device.type, sizes["cpu"])
+
+
+def attention(attn: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """segment-anything's encoder `Attention.forward`: tokens [B,H,W,C] -> [B,H,W,C].
 
-    chunk: about how many scores (floats) are held at once.
+    chunk: about how many scores (floats) are held at once (None: SCORE_CHUNK for the device).
     """
+    chunk = chunk or _per_device(SCORE_CHUNK, x.device)
     b, height, width, _ = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(b, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -61,7 +67,7 @@ def attention(attn: nn.Module, x: torch.Tensor, chunk: int = SCORE_CHUNK) -> tor
     return attn.proj(out)
 
 
-def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """segment-anything's encoder `Block.forward`: tokens [B,H,W,C] -> [B,H,W,C]."""
     shortcut = x
     x = block.norm1(x)
@@ -75,7 +81,7 @@ def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int = SCORE_CHUNK) -
     return x + block.mlp(block.norm2(x))
 
 
-def image_embedding(sam: Sam, pixels: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def image_embedding(sam: Sam, pixels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`sam.image_encoder(pixels)`: preprocessed pixels [1,3,S,S] -> image embedding [1,256,S/16,S/16]."""
     encoder = sam.image_encoder
     x = encoder.patch_embed(pixels)
@@ -142,7 +148,7 @@ def _two_way(transformer: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor, t
 
 @torch.no_grad()
 def decode_masks(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor],
-                 prompts_per_pass: int = PROMPT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 prompts_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's multimask prediction for single-point prompts on one image, only for masks `keep` accepts.
 
     embedding: [1,C,h,w] image embedding; coords: [B,2] point prompts (label 1) in the model's
@@ -151,6 +157,7 @@ def decode_masks(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, keep: 
     `mask_decoder(..., multimask_output=True)` flattened (prompt by prompt, mask by mask).
     """
     decoder, prompt_encoder = sam.mask_decoder, sam.prompt_encoder
+    prompts_per_pass = prompts_per_pass or _per_device(PROMPT_CHUNK, embedding.device)
     c, h, w = embedding.shape[1:]
     labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
     sparse, dense = prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)

@@ -32,7 +32,7 @@ def sam() -> Sam:
         model.image_encoder.pos_embed.normal_(0, 0.1)
     return model
 
-@pytest.mark.parametrize("chunk", [sam_vit.SCORE_CHUNK, 100 * 8, 100 * 10 * 3, 1])
+@pytest.mark.parametrize("chunk", [None, 100 * 8, 100 * 10 * 3, 1])
 def test_image_embedding_equals_segment_anything(sam, chunk):
     pixels = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def _reference(sam, embedding, coords):
                                       multimask_output=True)
     return masks.flatten(0, 1), iou.flatten(0, 1)
 
-@pytest.mark.parametrize("per_pass", [1, 3, 8, 64])
+@pytest.mark.parametrize("per_pass", [None, 1, 3, 8, 64])
 @pytest.mark.parametrize("rule", ["all", "none", "median", "first of each"])
 def test_decode_masks_equals_segment_anything_then_the_filter(sam, per_pass, rule):
     torch.manual_seed(5)
