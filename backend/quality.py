@@ -149,8 +149,13 @@ class QualityStore:
             self._db.executescript(SCHEMA)
 
     def record(self, annotation_id: int, task_id: int, project: int | None, model_version: str,
-               prediction_id: int | None, score: float | None, numbers: dict[str, Any], action: str) -> None:
+               prediction_id: int | None, score: float | None, numbers: dict[str, Any], action: str,
+               event_id: int | None = None) -> None:
+        """Store one comparison; the webhook event it came from (event_id) leaves the backlog in the
+        same transaction, so a kill at any moment leaves it either recorded or queued, never both."""
         with self._lock, self._db:
+            if event_id is not None:
+                self._db.execute("DELETE FROM webhook_events WHERE id = ?", (event_id,))
             self._db.execute(
                 "INSERT OR REPLACE INTO corrections (annotation_id, task_id, project, model_version, prediction_id,"
                 " score, iou, intersection, union_pixels, annotated_pixels, predicted_pixels, action, updated_at)"
@@ -298,13 +303,14 @@ class QualityTracker:
             for event_id, payload in events:
                 if self._stop.is_set():
                     return
-                self.process(payload)
-                self.store.handled(event_id)
+                self.process(payload, event_id)
+                self.store.handled(event_id)  # events that recorded nothing (the others are gone already)
 
-    def process(self, payload: dict) -> dict | None:
-        """Score one annotation webhook; returns the stored numbers, or None (counted by kind)."""
+    def process(self, payload: dict, event_id: int | None = None) -> dict | None:
+        """Score one annotation webhook (the backlog's event `event_id`, if it is one); returns the
+        stored numbers, or None (counted by kind)."""
         try:
-            out = self._process(payload)
+            out = self._process(payload, event_id)
             self._count("quality.recorded")
             return out
         except QualityError as exc:
@@ -315,7 +321,7 @@ class QualityTracker:
             log.exception("webhook %s: internal error", payload.get("action"))
         return None
 
-    def _process(self, payload: dict) -> dict:
+    def _process(self, payload: dict, event_id: int | None) -> dict:
         annotation = payload.get("annotation")
         if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
             raise QualityError("bad_payload", "the webhook carries no annotation with an id")
@@ -342,7 +348,7 @@ class QualityTracker:
         score = ours.get("score")
         self.store.record(annotation["id"], task_id, project if isinstance(project, int) else None,
                           self.model_version, ours.get("id"), float(score) if score is not None else None,
-                          numbers, str(payload.get("action")))
+                          numbers, str(payload.get("action")), event_id)
         log.info("annotation %s of task %s: IoU %.3f with our prediction %s (score %s)", annotation["id"],
                  task_id, numbers["iou"], ours.get("id"), score)
         return numbers

@@ -96,6 +96,27 @@ def test_tracker_picks_our_prediction(tmp_path):
     assert [(r["annotation_id"], r["prediction_id"], r["score"]) for r in rows] == [(1, 2, 0.4), (2, 1, 0.9)]
 
 
+def test_a_recorded_event_leaves_the_backlog_in_the_same_transaction(tmp_path):
+    """kill -9 right after a correction is stored must not leave its event queued too (it would be
+    counted twice until replayed): the store's row and the event's removal commit together."""
+    ours = box(0, 5, 0, 10)
+    predictions = {7: [{"id": 1, "model_version": "v1", "score": 0.9, "result": [region(ours)]}]}
+    store = QualityStore(tmp_path / "q.sqlite3")
+    tracker = QualityTracker(store, "v1", lambda task, project: predictions[task])
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 7},
+             "annotation": {"id": 11, "task": 7, "result": [region(ours)]}}
+    event_id = store.enqueue(event)
+    assert tracker.process(event, event_id)["iou"] == 1.0
+    # what another process (the next start) sees before `handled` runs: recorded, not queued
+    assert [r["annotation_id"] for r in QualityStore(tmp_path / "q.sqlite3").rows()] == [11]
+    assert QualityStore(tmp_path / "q.sqlite3").backlog_size() == 0
+    # an event that records nothing stays queued until the worker marks it handled
+    other = store.enqueue({**event, "task": {"id": 8}, "annotation": {"id": 12, "task": 8, "result": []}})
+    predictions[8] = []
+    assert tracker.process(store.backlog()[0][1], other) is None
+    assert store.backlog_size() == 1
+
+
 def test_tracker_compares_with_the_alternative_the_annotator_started_from(tmp_path):
     best, alternative = box(0, 4, 0, 10), box(4, 8, 0, 10)
     predictions = {7: [{"id": 1, "model_version": "v1-rank2", "score": 0.3, "result": [region(alternative)]},
