@@ -132,10 +132,7 @@ def evaluate_on_ray(args: argparse.Namespace, dataset: EvalDataset, out_dir: str
             writer.close()
             bar.close()
     elapsed = time.perf_counter() - t0
-    records = [done[s.key] for s in dataset.samples() if s.key in done]
     run = runner.run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"],
                            (hits, misses) if proposals_cache else None)
     run["ray"] = {"actors": actors, "worker_processes": len(workers)}
-    return runner.write_outputs(records, out_dir, {**info, "run": run, "num_images": dataset.num_images,
-                                                   "skipped": dataset.skipped},
-                                good_iou=good_iou, targets=targets, plots=plots, write_lines=False)
+    return runner.finish_run(dataset, done, out_dir, info, run, good_iou=good_iou, targets=targets, plots=plots)

@@ -321,12 +321,19 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
         writer.close()
         bar.close()
     elapsed = time.perf_counter() - t0
-    records = [done[s.key] for s in dataset.samples() if s.key in done]
     cache = (proposals_fn.hits, proposals_fn.misses) if isinstance(proposals_fn, ProposalCache) else None
-    extra = {"run": run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"], cache),
-             "num_images": dataset.num_images, "skipped": dataset.skipped}
-    return write_outputs(records, out_dir, {**info, **extra}, good_iou=good_iou, targets=targets,
-                         plots=plots, write_lines=False)
+    run = run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"], cache)
+    return finish_run(dataset, done, out_dir, info, run, good_iou=good_iou, targets=targets, plots=plots)
+
+
+def finish_run(dataset, done: dict[str, dict], out_dir: str | Path, info: dict, run: dict, good_iou: float,
+               targets, plots: bool) -> dict:
+    """metrics.json and the plots of a run (predictions.jsonl is already appended): every record
+    made so far, in the dataset's order, with this run's statistics."""
+    records = [done[s.key] for s in dataset.samples() if s.key in done]
+    return write_outputs(records, out_dir, {**info, "run": run, "num_images": dataset.num_images,
+                                            "skipped": dataset.skipped},
+                         good_iou=good_iou, targets=targets, plots=plots, write_lines=False)
 
 
 def run_stats(images: int, expressions: int, errors: int, resumed_from: int, seconds: float, device: str,
