@@ -3,18 +3,21 @@
 `prepare` runs the 2N-image hybrid-feature pass under autocast (bfloat16 on CPU, float16 on
 GPU) and measures its error on a few probe masks also computed in float32 (where that error is
 as large as the distances between masks' features, low precision could decide nothing, and
-the features are computed in float32 straight away). The semantic scores S = logit_scale *
-cos(v, t) then lie within eps = logit_scale * max ||d_i - d_j|| / 2 (d = v_low - v_exact on unit
-vectors, any text) of the exact ones up to a shift that no choice sees (`feature_error`), times
-a safety factor since the probes are a sample. `decision_is_safe`
-propagates eps through the method (softmax, relation guidance, softmax, Eq. 9) and accepts the
-low-precision answer only when no perturbation within eps can change a choice: the candidate
-sets I and J, the semantic argmax and the final argmax. Otherwise the view's features are
-recomputed in float32 once and the decision is made exactly.
+the features are computed in float32 straight away). `LowPrecision` keeps what is known: which
+rows are still low precision, the error bounds measured on the probes (times a safety factor,
+since the probes are a sample) and the probes' exact features.
+
+A semantic score S_i = logit_scale * cos(v_i, t) then lies within `LowPrecision.score_bounds` of
+the exact one, for any text, up to a shift common to every mask that no choice sees. `contested`
+propagates these bounds through the method (softmax, relation guidance, softmax, Eq. 9) and
+names the masks whose error could change a choice (the candidate sets I and J, the semantic and
+the final argmax). `segment` computes exactly those masks' features in float32, decides again,
+and only where that is not enough computes every remaining mask exactly.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,17 +53,48 @@ def feature_error(delta: torch.Tensor) -> float:
     return torch.cdist(delta, delta).max().item() / 2
 
 
+@dataclass
+class LowPrecision:
+    """What the fast mode knows about a view's low-precision features (N masks).
+
+    low: bool [N], rows still in low precision; spread: the bound between low rows (half the
+    largest difference between the probes' errors on unit features, times the safety factor);
+    size: the bound of one low row against an exact one (the largest probe error, times the
+    safety factor); exact: float32 features of masks already computed exactly (the probes).
+    """
+
+    low: np.ndarray
+    spread: float
+    size: float
+    exact: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def score_bounds(self, logit_scale: float) -> np.ndarray:
+        """e [N]: |S_low_i - S_i - c| <= e_i for every mask and any text, for one shift c.
+
+        Among low rows alone the shared part of the errors cancels (c absorbs it), so `spread`
+        bounds them; once some rows are exact (c = 0) a low row's whole error counts (`size`).
+        """
+        if self.low.all():
+            return np.full(len(self.low), logit_scale * self.spread)
+        return np.where(self.low, logit_scale * self.size, 0.0)
+
+    def subset(self, idx: np.ndarray) -> "LowPrecision":
+        where = {int(i): j for j, i in enumerate(idx)}
+        return LowPrecision(self.low[idx].copy(), self.spread, self.size,
+                            {where[i]: v for i, v in self.exact.items() if i in where})
+
+
 @torch.no_grad()
 def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
-                  device: torch.device) -> tuple[torch.Tensor, float | None]:
-    """Hybrid features [N,D] in low precision and their error bound on unit vectors (None: exact).
+                  device: torch.device) -> tuple[torch.Tensor, LowPrecision | None]:
+    """Hybrid features [N,D] in low precision and what is known of their error (None: exact).
 
     The probes are computed in both precisions first. Where the low precision's error reaches
     half the largest distance between the probes' unit features, it cannot tell even those masks
     apart for some text and every decision would fall back: the features are then computed in
     float32 at once (what the fast mode costs over the exact one is the probes' low-precision
-    pass). Otherwise the other masks are computed in low precision; the probes keep their exact
-    features.
+    pass). Otherwise every mask's feature is the low-precision one (the probes' too, so that one
+    bound holds for all rows) and the probes' exact features are kept for refinement.
     """
     n = len(masks)
     if n <= config.fast_probes:  # nothing to gain: compute them exactly
@@ -68,42 +102,79 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     low_config = config.replace(dtype=low_precision(device))
     probes = probe_indices(masks, config.fast_probes)
     exact = hybrid_features(clip, image, masks[probes], config, device)
+    low = hybrid_features(clip, image, masks[probes], low_config, device)
     unit = F.normalize(exact, dim=-1)
-    error = feature_error(F.normalize(hybrid_features(clip, image, masks[probes], low_config, device), dim=-1)
-                          - unit) * config.fast_safety
-    spread = torch.cdist(unit, unit).max().item()
+    delta = F.normalize(low, dim=-1) - unit
+    spread = feature_error(delta) * config.fast_safety
     rest = np.setdiff1d(np.arange(n), probes)
-    precise = error >= spread / 2
+    precise = spread >= torch.cdist(unit, unit).max().item() / 2
     features = torch.empty(n, exact.shape[1], dtype=exact.dtype, device=exact.device)
-    features[torch.from_numpy(probes).to(exact.device)] = exact
+    features[torch.from_numpy(probes).to(exact.device)] = exact if precise else low
     features[torch.from_numpy(rest).to(exact.device)] = hybrid_features(
         clip, image, masks[rest], config if precise else low_config, device)
-    return features, None if precise else error
+    if precise:
+        return features, None
+    size = delta.norm(dim=-1).max().item() * config.fast_safety
+    return features, LowPrecision(np.ones(n, bool), spread, size, {int(p): exact[i] for i, p in enumerate(probes)})
 
 
-def _boundary_margin(scores: np.ndarray, k: int) -> float:
-    """Gap between the k-th and (k+1)-th largest score (inf when nothing lies beyond the k-th)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    return float(s[k - 1] - s[k]) if len(s) > k else math.inf
+def _top_k_contested(S: np.ndarray, e: np.ndarray, k: int) -> np.ndarray:
+    """Masks whose error could move them across the boundary of the k largest S (empty: sure)."""
+    if k >= len(S):
+        return np.zeros(0, np.int64)
+    order = np.argsort(-S, kind="stable")
+    top, rest = order[:k], order[k:]
+    floor, ceiling = (S[top] - e[top]).min(), (S[rest] + e[rest]).max()
+    if floor > ceiling:
+        return np.zeros(0, np.int64)
+    return np.concatenate([top[S[top] - e[top] <= ceiling], rest[S[rest] + e[rest] >= floor]])
 
 
-def decision_is_safe(explain: dict[str, np.ndarray], eps: float, config: HybridGLConfig) -> bool:
-    """True when every choice of a segmentation stays the same for any S, S_neg moved by <= eps.
+def _log_sum_exp_shift(p: np.ndarray, e: np.ndarray) -> float:
+    """A bound on |LSE(S + d) - LSE(S)| over |d_j| <= e_j, from the low-precision softmax p of S.
 
-    p_i = softmax(S)_i moves by a factor within exp(+-2 eps), so R_i (sums of products of two
-    such probabilities, or of one) by a factor within exp(+-4 eps); P = softmax(R) then moves by
-    a factor within exp(+-2 max|dR|), and F = (1 - alpha) P + alpha G (G is exact) by at most
-    (1 - alpha) max(P) (exp(2 max|dR|) - 1) per candidate.
+    The shift is log sum_j p*_j exp(d_j) (p* the exact softmax), at most log(1 + sum_j p*_j
+    (exp(e_j) - 1)) either way, with p*_j <= p_j exp(e_j + max e); and never more than max e.
+    Masks whose probability is small (the usual low-precision rows once candidates are exact)
+    move it little.
     """
-    S = explain["S"]
-    if _boundary_margin(S, 1) <= 2 * eps or _boundary_margin(S, int(explain["k1"])) <= 2 * eps:
-        return False
-    if "S_neg" in explain and _boundary_margin(explain["S_neg"], int(explain["k2"])) <= 2 * eps:
-        return False
-    F_ = np.sort(np.asarray(explain["F"], dtype=np.float64))[::-1]
-    if len(F_) < 2:
-        return True
-    # exponents capped: beyond exp(700) no gap is safe anyway, and math.expm1 would overflow
-    dR = float(np.max(explain["R"])) * math.expm1(min(4 * eps, 700.0))
-    dF = (1 - config.alpha) * float(np.max(explain["P"])) * math.expm1(min(2 * dR, 700.0))
-    return F_[0] - F_[1] > 2 * dF
+    e_max = float(e.max())
+    grow = np.exp(np.minimum(e + e_max, 700.0)) * np.expm1(np.minimum(e, 700.0))
+    return min(e_max, math.log1p(float(np.sum(np.asarray(p, np.float64) * grow))))
+
+
+def contested(explain: dict[str, np.ndarray], e: np.ndarray, config: HybridGLConfig) -> np.ndarray:
+    """Masks whose score error could change a choice of a segmentation (empty: every choice is sure).
+
+    e [N]: each mask's bound on |S_low - S - c| (`LowPrecision.score_bounds`), for S and S_neg
+    alike. The choices: the semantic argmax, the candidates I (top k1 of S) and partners J (top k2
+    of S_neg), and the final argmax of F = (1 - alpha) P + alpha G over I (G is exact). log p_i
+    moves by at most a_i = e_i + the normaliser's shift, R_i (sums of products of p_i and a
+    partner's probability, or of p_i alone) by a factor within exp(+-(a_i + max_J a')), P =
+    softmax(R) by a factor within exp(+-2 max|dR|), so F_i by at most (1 - alpha) P_i (exp(2
+    max|dR|) - 1). Where F's argmax is not sure, the candidates that could still win and the
+    partners J are named.
+    """
+    e = np.asarray(e, dtype=np.float64)
+    S = np.asarray(explain["S"], dtype=np.float64)
+    parts = [_top_k_contested(S, e, 1), _top_k_contested(S, e, int(explain["k1"]))]
+    if "S_neg" in explain:
+        parts.append(_top_k_contested(np.asarray(explain["S_neg"], np.float64), e, int(explain["k2"])))
+    F_ = np.asarray(explain["F"], dtype=np.float64)
+    if len(F_) > 1:
+        I, J = np.asarray(explain["topk_I"]), np.asarray(explain["J_used"])
+        a = e + _log_sum_exp_shift(explain["p"], e)
+        a_partner = e + _log_sum_exp_shift(explain["q"], e) if "q" in explain else a
+        b = np.minimum(a[I] + a_partner[J].max(), 700.0)
+        dR = float(np.max(np.asarray(explain["R"], np.float64) * np.expm1(b)))
+        dF = (1 - config.alpha) * np.asarray(explain["P"], np.float64) * math.expm1(min(2 * dR, 700.0))
+        top = int(np.argsort(-F_, kind="stable")[0])
+        rivals = np.delete(F_ + dF, top)
+        if F_[top] - dF[top] <= rivals.max():
+            parts += [I[F_ + dF >= F_[top] - dF[top]], J]
+    return np.unique(np.concatenate(parts)).astype(np.int64)
+
+
+def decision_is_safe(explain: dict[str, np.ndarray], eps: float | np.ndarray, config: HybridGLConfig) -> bool:
+    """True when no score error within eps (one bound, or one per mask) can change a choice."""
+    return not len(contested(explain, np.broadcast_to(eps, np.shape(explain["S"])), config))

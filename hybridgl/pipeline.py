@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
-from .fast import decision_is_safe, fast_features
+from .fast import LowPrecision, contested, fast_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -80,8 +81,9 @@ class PreparedView:
     int64 [N,4] at that size; features: hybrid features float32 [N,D] (on the model's device);
     tokens: GEM token features [g,g,D] (unit norm) or None when coherence is off;
     original_size: (H0, W0) of the given image when it was downscaled (config.max_image_side), else None;
-    feature_error: None when the features are exact, else (fast mode) the bound on their error in
-    cosine units.
+    low_precision: None when the features are exact, else (fast mode) which rows are still low
+    precision and the bounds on their error (`hybridgl.fast.LowPrecision`); `segment` makes rows
+    exact where a decision needs it, under `refining` (views are shared between requests).
     """
 
     image: np.ndarray
@@ -89,8 +91,15 @@ class PreparedView:
     features: torch.Tensor
     tokens: torch.Tensor | None
     original_size: tuple[int, int] | None = None
-    feature_error: float | None = None
+    low_precision: LowPrecision | None = None
     _device_masks: torch.Tensor | None = field(default=None, repr=False)
+    refining: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # views travel between processes (Ray); a lock does not
+        return {k: v for k, v in self.__dict__.items() if k != "refining"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, refining=threading.Lock())
 
     @property
     def size(self) -> tuple[int, int]:
@@ -127,7 +136,8 @@ class PreparedView:
         idx = np.asarray(indices, dtype=np.int64)
         props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
         return PreparedView(self.image, props, self.features[torch.from_numpy(idx).to(self.features.device)],
-                            self.tokens, self.original_size, self.feature_error)
+                            self.tokens, self.original_size,
+                            self.low_precision.subset(idx) if self.low_precision is not None else None)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:
@@ -288,13 +298,13 @@ class HybridGL:
             props = proposals
         else:
             props = Proposals.from_masks(proposals, h, w)
-        error = None
+        low = None
         if self.config.fast:
-            features, error = fast_features(self.clip, rgb, props.masks, self.config, self.device)
+            features, low = fast_features(self.clip, rgb, props.masks, self.config, self.device)
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
-        return PreparedView(rgb, props, features, tokens, original_size, error)
+        return PreparedView(rgb, props, features, tokens, original_size, low)
 
     @torch.no_grad()
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
@@ -304,14 +314,38 @@ class HybridGL:
             view = self.prepare(view)
         if parse is None:
             parse = self.parse(expression if expression is not None else "")
-        seg = self._segment(view, parse)
-        if view.feature_error is not None and seg.index is not None and not decision_is_safe(
-                seg.explain, self.logit_scale * view.feature_error, self.config):
-            # a near tie for the low-precision features: decide on exact ones (kept for later expressions)
-            view.features = hybrid_features(self.clip, view.image, view.masks, self.config, self.device)
-            view.feature_error = None
+        if view.low_precision is None:
+            return self._segment(view, parse)
+        with view.refining:
             seg = self._segment(view, parse)
+            for attempt in range(3):
+                lp = view.low_precision
+                if lp is None or seg.index is None:
+                    break
+                disputed = contested(seg.explain, lp.score_bounds(self.logit_scale), self.config)
+                if not len(disputed):
+                    break
+                # near ties for low-precision features: the masks involved become exact (kept for
+                # later expressions); if that is not enough, the third time every mask does
+                todo = disputed[lp.low[disputed]]
+                self._refine(view, todo if len(todo) and attempt < 2 else np.flatnonzero(lp.low))
+                seg = self._segment(view, parse)
         return seg
+
+    def _refine(self, view: PreparedView, rows: np.ndarray) -> None:
+        """Float32 features for `rows` of a fast-mode view (the probes' are already known)."""
+        lp = view.low_precision
+        new = np.array([i for i in rows if int(i) not in lp.exact], dtype=np.int64)
+        if len(new):
+            view.features[torch.from_numpy(new).to(view.features.device)] = hybrid_features(
+                self.clip, view.image, view.masks[new], self.config, self.device)
+        for i in rows:
+            if int(i) in lp.exact:
+                view.features[int(i)] = lp.exact.pop(int(i))
+        lp.low[rows] = False
+        log.debug("fast mode: %d of %d masks' features made exact", len(rows), len(lp.low))
+        if not lp.low.any():
+            view.low_precision = None
 
     def _segment(self, view: PreparedView, parse: ParsedExpression) -> Segmentation:
         cfg, dev = self.config, self.device
