@@ -20,6 +20,7 @@ Nothing is asserted: this prints figures.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -95,6 +96,8 @@ def worker(args) -> dict:
 
         overrides = PERMISSIVE
     overrides = {**overrides, **{k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)}}
+    if args.sam_low:  # SAM's encoder in low precision (bfloat16 on CPU, float16 on a GPU)
+        overrides["sam_dtype"] = "float16" if args.device.startswith("cuda") else "bfloat16"
     config = HybridGLConfig(**overrides, **({"fast": True} if args.fast else {}))
     if args.models == "real":
         model = HybridGL.from_pretrained(sam=args.sam, parser="rules", device=args.device, config=config)
@@ -113,6 +116,9 @@ def worker(args) -> dict:
         sync()
         return time.perf_counter() - t, out
 
+    def packed(mask) -> str:
+        return base64.b64encode(np.packbits(mask).tobytes()).decode()
+
     images = []
     for i in range(args.images):
         image = synthetic_image(i)
@@ -130,10 +136,12 @@ def worker(args) -> dict:
             t_seg, seg = timed(lambda: model.segment(view, text))
             exprs.append({"text": text, "seconds": t_seg, "index": seg.index,
                           "mask": hashlib.sha1(np.packbits(seg.mask).tobytes()).hexdigest() if seg.mask is not None
-                          else None})
+                          else None, "bits": packed(seg.mask) if seg.mask is not None else None})
+        low = getattr(view, "low_precision", None)  # the fast mode: masks still low precision after all
         images.append({"masks": len(props), "sam": t_sam, "features": t_feat, "gem": t_gem,
                        "proposals": hashlib.sha1(np.packbits(props.masks).tobytes()).hexdigest(),
-                       "expressions": exprs})
+                       "proposal_bits": [packed(m) for m in props.masks], "shape": list(image.shape[:2]),
+                       "low_rows": int(low.low.sum()) if low is not None else 0, "expressions": exprs})
     batch = batch_share(model, args, sync) if args.batch else None
     return {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "device": str(model.device), "threads": torch.get_num_threads()}
@@ -225,6 +233,32 @@ def agreement(a: dict, b: dict) -> tuple[int, int, bool]:
     return sum(x["mask"] == y["mask"] for x, y in pairs), len(pairs), same_props
 
 
+def _unpack(bits: str, shape: list[int]):
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(base64.b64decode(bits), np.uint8))[:shape[0] * shape[1]].reshape(shape).astype(bool)
+
+
+def _iou(m, n) -> float:
+    union = (m | n).sum()
+    return float((m & n).sum() / union) if union else 1.0
+
+
+def overlap(a: dict, b: dict) -> dict:
+    """How close variant b's masks are to variant a's where they are not identical (low-precision
+    SAM moves borders): the chosen masks' IoU, and for b's proposals the best IoU with one of a's."""
+    chosen, best = [], []
+    for ia, ib in zip(a["images"], b["images"]):
+        for x, y in zip(ia["expressions"], ib["expressions"]):
+            if x.get("bits") and y.get("bits"):
+                chosen.append(_iou(_unpack(x["bits"], ia["shape"]), _unpack(y["bits"], ib["shape"])))
+        ref = [_unpack(bits, ia["shape"]) for bits in ia.get("proposal_bits", [])]
+        for bits in ib.get("proposal_bits", []):
+            m = _unpack(bits, ib["shape"])
+            best.append(max((_iou(m, n) for n in ref), default=0.0))
+    return {"chosen": chosen, "proposals": best}
+
+
 def report(results: dict[str, dict]) -> None:
     sums = {k: summary(v) for k, v in results.items()}
     print(f"\nworkload: {next(iter(sums.values()))['n_images']} images 640x480, "
@@ -246,19 +280,32 @@ def report(results: dict[str, dict]) -> None:
                   f"{1000 * s['segment'] / s['n_expr']:.0f} ms per further expression, "
                   f"peak GPU memory {r['peak_gpu_bytes'] / 2**30:.2f} GiB")
     if "baseline" in sums:
-        for k in ("exact", "fast"):
-            if k in sums:
+        for k in sums:
+            if k != "baseline":
                 r = {st: sums[k][st] / sums["baseline"][st] for st in ("sam", "features", "gem", "prepare")}
                 same, n, props = agreement(results["baseline"], results[k])
                 print(f"{k} / baseline time: SAM {r['sam']:.2f}, features {r['features']:.2f}, GEM {r['gem']:.2f},"
                       f" prepare {r['prepare']:.2f}; same proposals {props}, same chosen mask {same}/{n}")
-    if "exact" in sums and "fast" in sums:
-        speed = sums["exact"]["prepare"] / sums["fast"]["prepare"]
-        same, n, props = agreement(results["exact"], results["fast"])
-        print(f"fast mode: prepare {speed:.2f}x faster than exact (features+GEM "
-              f"{(sums['exact']['features'] + sums['exact']['gem']) / sums['fast']['features']:.2f}x), "
-              f"per expression {sums['fast']['segment'] / max(1e-9, sums['exact']['segment']):.2f}x the exact "
-              f"time; same chosen mask as exact {same}/{n}")
+    for k in sums:
+        if k == "exact" or "exact" not in sums:
+            continue
+        e, f = sums["exact"], sums[k]
+        speed = e["prepare"] / f["prepare"]
+        same, n, props = agreement(results["exact"], results[k])
+        print(f"{k}: prepare {speed:.2f}x faster than exact (SAM {e['sam'] / f['sam']:.2f}x, features+GEM "
+              f"{(e['features'] + e['gem']) / (f['features'] + f['gem']):.2f}x), per expression "
+              f"{f['segment'] / max(1e-9, e['segment']):.2f}x the exact time; same proposals {props}, "
+              f"same chosen mask as exact {same}/{n}")
+        if "fast" in k.split("+"):
+            low = [im["low_rows"] for im in results[k]["images"]]
+            print(f"  {k}: masks whose features stayed low precision after all expressions, per image: {low} "
+                  f"of {f['masks']} (the others were made float32: probes' error too large, or near ties)")
+        if not props or same < n:
+            o = overlap(results["exact"], results[k])
+            if o["chosen"]:
+                print(f"  {k}: chosen masks' IoU with exact's: min {min(o['chosen']):.3f}, "
+                      f"mean {sum(o['chosen']) / len(o['chosen']):.3f}; proposals matching one of exact's "
+                      f"(IoU >= 0.9): {sum(v >= 0.9 for v in o['proposals'])}/{len(o['proposals'])}")
 
 
 def main() -> None:
@@ -272,7 +319,9 @@ def main() -> None:
                     help="random: full-size architectures, seeded random weights; real: the real weights "
                          "(downloaded once); tiny: the tests' tiny models (a quick check of the harness)")
     ap.add_argument("--baseline", metavar="REV", help="also run the code of this commit and print ratios")
-    ap.add_argument("--modes", default="exact,fast", help="variants of this tree: exact, fast")
+    ap.add_argument("--modes", default="exact,fast",
+                    help="variants of this tree, comma-separated: exact, fast, sam16 (SAM's encoder in "
+                         "bfloat16/float16: sam_dtype), or combinations such as fast+sam16")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each variant, round robin; each time is the minimum over the rounds "
                          "(a shared machine's load bursts only ever add time)")
@@ -284,6 +333,7 @@ def main() -> None:
     ap.add_argument("--code", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sam-low", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -295,7 +345,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"baseline": (extract(args.baseline, Path(tmp)), [])} if args.baseline else {}
         for mode in args.modes.split(","):
-            variants[mode] = (ROOT, (["--fast"] if mode == "fast" else []) + (["--batch"] if args.batch else []))
+            flags = set(mode.split("+"))
+            unknown = flags - {"exact", "fast", "sam16"}
+            if unknown:
+                ap.error(f"unknown mode {mode!r}: modes are exact, fast, sam16 and their +-combinations")
+            variants[mode] = (ROOT, (["--fast"] if "fast" in flags else []) + (["--sam-low"] if "sam16" in flags else [])
+                              + (["--batch"] if args.batch else []))
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for r in range(args.rounds):  # round robin, the order reversed every other round
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):

@@ -25,6 +25,10 @@ class HybridGLConfig:
     crop_n_layers: int = 0
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 800
+    # SAM's image encoder compute dtype (speed, not the method): None = float32, or float16 on a
+    # GPU in the fast mode; "bfloat16" on a CPU with AMX runs it ~2x faster but moves mask borders
+    # (and so may change proposals and choices): an explicit choice, never implied by `fast` on CPU.
+    sam_dtype: str | None = None
     # Images larger than this (longest side, pixels) are downscaled for the model and the mask is
     # given back at the original size; None: never (see HybridGL.prepare for how this relates to the spec).
     max_image_side: int | None = 1024
@@ -76,8 +80,9 @@ class HybridGLConfig:
     alpha: float = 0.6
 
     # Speed, not the method: the fast mode computes hybrid features in low precision (bfloat16 on
-    # CPU, float16 on GPU, where SAM's encoder also runs under autocast) and falls back to float32
-    # for any decision within that precision's measured error of a tie (hybridgl/fast.py).
+    # CPU, float16 on GPU, where SAM's encoder also runs under autocast: see sam_dtype) and makes
+    # float32 the features of any decision within that precision's measured error of a tie
+    # (hybridgl/fast.py).
     fast: bool = False
     fast_probes: int = 2  # masks per image computed in both precisions to measure the error
     fast_safety: float = 3.0  # the measured error is multiplied by this
@@ -95,6 +100,8 @@ class HybridGLConfig:
             raise ValueError(f"fusion_mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.sam_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"sam_dtype must be float32, float16, bfloat16 or None, got {self.sam_dtype!r}")
         if not 0 <= self.fusion_start_block <= 11:
             raise ValueError("fusion_start_block must lie in [0, 11]")
         if self.k1 < 1 or self.k2 < 1:

@@ -127,12 +127,19 @@ class MaskProposer:
         xywh[:, 2:] -= xywh[:, :2]
         return Proposals(masks.numpy(), xywh.numpy().astype(np.int64), iou.cpu().numpy().astype(np.float32))
 
+    def sam_dtype(self, device: torch.device) -> str:
+        """The encoder's compute dtype: config.sam_dtype, else float16 in the fast mode on a GPU, else float32."""
+        if self.config.sam_dtype is not None:
+            return self.config.sam_dtype
+        return "float16" if self.config.fast and device.type == "cuda" else "float32"
+
     def _embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 [h,w,3] -> SAM image embedding [1,C,64,64] and the resized input size (SamPredictor.set_image)."""
         resized = torch.as_tensor(self.transform.apply_image(image), device=self.sam.device)
         x = self.sam.preprocess(resized.permute(2, 0, 1).contiguous()[None])
-        # the fast mode on GPU: float16 encoder (the mask decoder and thresholds stay float32)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.config.fast and x.device.type == "cuda"):
+        dtype = getattr(torch, self.sam_dtype(x.device))
+        # low precision for the encoder only: the mask decoder and its thresholds stay float32
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             embedding = image_embedding(self.sam, x)
         return embedding.float(), tuple(resized.shape[:2])
 

@@ -69,3 +69,34 @@ def test_every_filter_drops_something(sharp_sam, image):
 def test_nothing_survives_is_empty_proposals(sharp_sam, image):
     props = MaskProposer(sharp_sam, HybridGLConfig(points_per_side=2, pred_iou_thresh=5.0))(image)
     assert len(props) == 0 and props.masks.shape == (0, *image.shape[:2])
+
+
+def test_sam_dtype_runs_the_encoder_in_low_precision(sharp_sam, image):
+    """sam_dtype="bfloat16" puts SAM's image encoder under autocast (the decoder and thresholds stay
+    float32): the embedding moves by bfloat16's rounding, the masks' borders a little (most masks
+    match a float32 one almost exactly), which is why it is an explicit choice."""
+    settings = SETTINGS["filters"]
+    exact = MaskProposer(sharp_sam, HybridGLConfig(**settings))
+    low = MaskProposer(sharp_sam, HybridGLConfig(**settings, sam_dtype="bfloat16"))
+    e32, _ = exact._embed(image)
+    e16, _ = low._embed(image)
+    assert e16.dtype == torch.float32
+    assert 1e-4 < ((e16 - e32).norm() / e32.norm()).item() < 0.05
+    ours, theirs = low(image), exact(image)
+    assert len(ours) > 0
+    best = [max((m & n).sum() / (m | n).sum() for n in theirs.masks) for m in ours.masks]
+    assert np.median(best) > 0.95
+
+
+def test_which_dtype_sam_runs_in():
+    """float32 unless asked; the fast mode on a GPU asks for float16; on CPU the fast mode leaves SAM
+    exact (its masks would move); an explicit sam_dtype wins everywhere."""
+    sam = build_tiny_sam()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert MaskProposer(sam, HybridGLConfig()).sam_dtype(gpu) == "float32"
+    assert MaskProposer(sam, HybridGLConfig(fast=True)).sam_dtype(cpu) == "float32"
+    assert MaskProposer(sam, HybridGLConfig(fast=True)).sam_dtype(gpu) == "float16"
+    assert MaskProposer(sam, HybridGLConfig(sam_dtype="bfloat16")).sam_dtype(cpu) == "bfloat16"
+    assert MaskProposer(sam, HybridGLConfig(fast=True, sam_dtype="float32")).sam_dtype(gpu) == "float32"
+    with pytest.raises(ValueError, match="sam_dtype"):
+        HybridGLConfig(sam_dtype="int8")
