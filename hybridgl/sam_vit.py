@@ -84,9 +84,12 @@ def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int | None = None) -
 def image_embedding(sam: Sam, pixels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`sam.image_encoder(pixels)`: preprocessed pixels [1,3,S,S] -> image embedding [1,256,S/16,S/16]."""
     encoder = sam.image_encoder
-    x = encoder.patch_embed(pixels)
+    x = encoder.patch_embed(pixels)  # [1,H,W,C], a permuted view of the convolution's output
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
+    # the residual stream would otherwise keep that channels-first layout through every block: each
+    # residual add then reads one operand strided and each layer norm first copies its input
+    x = x.contiguous()
     for block in encoder.blocks:
         x = encoder_block(block, x, chunk)
     return encoder.neck(x.permute(0, 3, 1, 2))
