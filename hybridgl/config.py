@@ -86,6 +86,9 @@ class HybridGLConfig:
     fast: bool = False
     fast_probes: int = 2  # masks per image computed in both precisions to measure the error
     fast_safety: float = 3.0  # the measured error is multiplied by this
+    # after this many images in a row whose first expression needed float32 for nearly every mask,
+    # compute float32 at once (trying low precision again every 8th image); 0: never skip
+    fast_patience: int = 2
 
     # The reported confidence: softmax(F / score_temperature) share of the chosen candidate.
     score_temperature: float = 0.1
@@ -117,6 +120,8 @@ class HybridGLConfig:
             raise ValueError("feature_batch_size must be at least 1 (or None)")
         if self.fast_probes < 1 or self.fast_safety < 1:
             raise ValueError("fast_probes must be at least 1 and fast_safety at least 1")
+        if self.fast_patience < 0:
+            raise ValueError("fast_patience must be at least 0")
         if self.score_temperature <= 0:
             raise ValueError("score_temperature must be positive")
         if not 0.0 <= self.alpha <= 1.0:

@@ -17,6 +17,7 @@ and only where that is not enough computes every remaining mask exactly.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,7 @@ class LowPrecision:
     spread: float
     size: float
     exact: dict[int, torch.Tensor] = field(default_factory=dict)
+    decided: bool = False  # the view's first expression has been answered (`FastHistory.record`)
 
     def score_bounds(self, logit_scale: float) -> np.ndarray:
         """e [N]: |S_low_i - S_i - c| <= e_i for every mask and any text, for one shift c.
@@ -82,6 +84,46 @@ class LowPrecision:
         where = {int(i): j for j, i in enumerate(idx)}
         return LowPrecision(self.low[idx].copy(), self.spread, self.size,
                             {where[i]: v for i, v in self.exact.items() if i in where})
+
+
+# A low-precision pass counts as wasted when the image's first expression still needed float32
+# features for this share of its masks; after `fast_patience` wasted images in a row the fast mode
+# computes float32 at once, and tries low precision again every REPROBE_EVERY-th image.
+WASTED = 0.9
+REPROBE_EVERY = 8
+
+
+class FastHistory:
+    """Whether the low-precision pass has been paying off on a model's recent images (thread-safe).
+
+    The fast mode cannot know before the first expression whether low precision will tell the
+    masks apart: on weights or images where it never does (every decision a near tie, as with
+    random weights), its pass costs ~40 % of a float32 one on top of the float32 one. After
+    `patience` such images in a row, prepare computes float32 features at once (what the exact
+    mode costs) and measures again every REPROBE_EVERY-th image. patience 0: never skip.
+    Only speed depends on this history; every answer is the exact mode's either way.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self._wasted = 0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def skip_low_precision(self) -> bool:
+        with self._lock:
+            if not self.patience or self._wasted < self.patience:
+                return False
+            self._skipped += 1
+            if self._skipped >= REPROBE_EVERY:
+                self._skipped = 0
+                return False
+            return True
+
+    def record(self, share_exact: float) -> None:
+        """The share of an image's masks in float32 once its first expression was answered."""
+        with self._lock:
+            self._wasted = self._wasted + 1 if share_exact >= WASTED else 0
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
-from .fast import LowPrecision, contested, fast_features
+from .fast import FastHistory, LowPrecision, contested, fast_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -202,6 +202,7 @@ class HybridGL:
             parser = make_parser(parser)
         self.parser = parser
         self.logit_scale = float(self.clip.logit_scale.detach().exp())
+        self.fast_history = FastHistory(self.config.fast_patience)
         self._version: str | None = None
         log.info("HybridGL ready on %s (parser: %s, SAM: %s)", self.device, self.parser_name,
                  "yes" if self.sam is not None else "no, proposals must be given")
@@ -299,8 +300,10 @@ class HybridGL:
         else:
             props = Proposals.from_masks(proposals, h, w)
         low = None
-        if self.config.fast:
+        if self.config.fast and not self.fast_history.skip_low_precision():
             features, low = fast_features(self.clip, rgb, props.masks, self.config, self.device)
+            if low is None and len(props) > self.config.fast_probes:  # the probes alone said so
+                self.fast_history.record(1.0)
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
@@ -317,6 +320,7 @@ class HybridGL:
         if view.low_precision is None:
             return self._segment(view, parse)
         with view.refining:
+            first = view.low_precision
             seg = self._segment(view, parse)
             for attempt in range(3):
                 lp = view.low_precision
@@ -330,6 +334,9 @@ class HybridGL:
                 todo = disputed[lp.low[disputed]]
                 self._refine(view, todo if len(todo) and attempt < 2 else np.flatnonzero(lp.low))
                 seg = self._segment(view, parse)
+            if first is not None and not first.decided:
+                first.decided = True
+                self.fast_history.record(1.0 - float(first.low.mean()))
         return seg
 
     def _refine(self, view: PreparedView, rows: np.ndarray) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridgl import HybridGL, HybridGLConfig
-from hybridgl.fast import LowPrecision, contested, decision_is_safe, feature_error, probe_indices
+from hybridgl.fast import REPROBE_EVERY, FastHistory, LowPrecision, contested, decision_is_safe, feature_error, probe_indices
 from hybridgl.hybrid_features import hybrid_features
 from hybridgl.pipeline import PreparedView
 from hybridgl.proposals import Proposals
@@ -24,7 +24,10 @@ from test_golden import CASES, EXACT, load_case
 
 @pytest.fixture(scope="module")
 def fast_model(tiny_clip_pair):
-    return HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config=HybridGLConfig(fast=True))
+    # fast_patience=0: every image takes the low-precision path (the tiny CLIP's goldens all end in
+    # float32, which would otherwise make the model skip it after two of them)
+    return HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
+                    config=HybridGLConfig(fast=True, fast_patience=0))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +244,38 @@ def test_a_fast_view_is_shared_by_threads_and_travels_between_processes(fast_mod
     for seg in segs + [fast_model.segment(clone, parse=parse)]:
         for key in EXACT:
             np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=key)
+
+
+def test_history_skips_low_precision_after_wasted_images_and_tries_again():
+    """Two images in a row whose first expression needed float32 for (nearly) every mask: the next
+    images skip the low-precision pass, except every REPROBE_EVERY-th; an image where low precision
+    paid off resets it; patience 0 never skips."""
+    history = FastHistory(2)
+    assert not history.skip_low_precision()
+    history.record(1.0)
+    assert not history.skip_low_precision()
+    history.record(0.95)
+    pattern = [history.skip_low_precision() for _ in range(2 * REPROBE_EVERY)]
+    assert pattern.count(False) == 2 and not pattern[REPROBE_EVERY - 1] and not pattern[-1]
+    history.record(0.3)  # the probe image decided mostly in low precision
+    assert not history.skip_low_precision()
+    never = FastHistory(0)
+    never.record(1.0)
+    never.record(1.0)
+    assert not never.skip_low_precision()
+
+
+def test_a_fast_model_stops_paying_for_low_precision_that_never_decides(tiny_clip_pair):
+    """With the tiny CLIP every golden decision is a near tie at bfloat16's error: after two such
+    images the model computes float32 at once (the exact mode's cost, the same answers)."""
+    model = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
+                     config=HybridGLConfig(fast=True, fast_patience=2))
+    low = []
+    for name in CASES[:4]:
+        data, image, parse = load_case(name)
+        view = model.prepare(image, proposals=data["masks"])
+        low.append(view.low_precision is not None)
+        seg = model.segment(view, parse=parse)
+        for key in EXACT:
+            np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=f"{name}: {key}")
+    assert low == [True, True, False, False]

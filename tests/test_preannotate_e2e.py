@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 from harness import ROOT, Backend, LabelStudio, require_label_studio  # noqa: E402
-from serve_tiny import tiny_environment  # noqa: E402
+from serve_tiny import command_environment  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -48,10 +47,7 @@ def stack(tmp_path_factory):
     """Label Studio, our backend (MODEL_DIR in a temp dir), and the environment for the command."""
     require_label_studio()
     work = tmp_path_factory.mktemp("preannotate")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_"))}
-    env.update(tiny_environment(work))
-    env.update({"MODEL_DIR": str(work / "cli-model-dir"), "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"})
+    env = command_environment(work, work / "cli-model-dir")
     started = []
     try:
         started.append(Backend(work, "backend", env={"MODEL_DIR": str(work / "backend-model-dir")}))

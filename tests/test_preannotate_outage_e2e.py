@@ -3,7 +3,6 @@
 rerun finishes the rest, never posting a prediction twice and never marking a task failed for it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from harness import ROOT, LabelStudio, require_label_studio  # noqa: E402
-from serve_tiny import tiny_environment  # noqa: E402
+from harness import LabelStudio, require_label_studio  # noqa: E402
+from serve_tiny import command_environment  # noqa: E402
 from test_preannotate_e2e import finish, new_project, predictions_by_task, preannotate, summary_of  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -23,10 +22,7 @@ pytestmark = pytest.mark.e2e
 def stack(tmp_path_factory):
     require_label_studio()
     work = tmp_path_factory.mktemp("outage")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_"))}
-    env.update(tiny_environment(work))
-    env.update({"MODEL_DIR": str(work / "model-dir"), "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    env = command_environment(work, work / "model-dir")
     ls = LabelStudio(work)
     try:
         yield ls, env

@@ -43,6 +43,18 @@ def tiny_environment(workdir: Path, alternatives: int = 1) -> dict[str, str]:
     }
 
 
+def command_environment(workdir: Path, model_dir: Path) -> dict[str, str]:
+    """The environment for running one of our commands (`python -m backend.preannotate`, ...) as a
+    subprocess on the tiny models: this process's environment without any HYBRIDGL_ or
+    LABEL_STUDIO_ setting of the caller's, the tiny models, MODEL_DIR, our code on the path, and
+    one thread (the test machine's cores are shared with Label Studio and the backend)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYBRIDGL_", "LABEL_STUDIO_"))}
+    env.update(tiny_environment(workdir))
+    env.update({"MODEL_DIR": str(model_dir), "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])})
+    return env
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
