@@ -68,7 +68,9 @@ def test_label_studio_gone_past_the_retry_window_stops_with_status_3_and_a_rerun
         ls.restart()
     assert rc == 3, err[-3000:]
     s = summary_of(out)
-    assert s["failed"] == 0 and s["label_studio_gone"] and 2 <= s["done"] < 20, s
+    # Label Studio held the first batch's predictions when it was stopped, but may have gone before
+    # answering that POST: the run then counts those tasks as not reached (the rerun skips them)
+    assert s["failed"] == 0 and s["label_studio_gone"] and s["done"] < 20, s
     assert s["done"] + s["not_reached"] == 20, s
     assert "did not answer for 5 s" in err and "rerun" in err and "refused" not in out + err
     rc, out, err = preannotate(ls, env, project, "--no-progress")
