@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU measurements this repository still owes (issue 14: the fast mode on a GPU, GPU sizing),
+# as one prepared run for a machine that has CUDA and can fetch nothing: its python3 must hold
+# torch (CUDA), transformers, numpy, pillow and torchvision; segment-anything, a small pure-Python
+# package, comes as a wheel in .gpu-wheels. Prepare it here, then run it there:
+#
+#   pip download --no-deps -d .gpu-wheels segment-anything==1.0 && echo /.gpu-wheels/ >> .git/info/exclude
+#   bash bench/gpu_check.sh                      # on the GPU machine, with .gpu-wheels beside it
+#
+# It prints (and writes under $OUT, default /tmp/gpu-check) the GPU, then bench_speed on the
+# full-size architectures with random weights: SAM ViT-H (the default model), the exact mode, the
+# fast mode (float16 SAM encoder and CLIP passes), and sam16 alone, with images/s, ms per
+# expression, peak GPU memory and the fast mode's agreement with the exact mode. PYTHON and DEVICE
+# override the interpreter and the device (a dry run on CPU: DEVICE=cpu PYTHON=.venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+if ! "$PYTHON" -c "import segment_anything" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --find-links .gpu-wheels segment-anything
+fi
+"$PYTHON" - <<'EOF' | tee "$OUT/environment.txt"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+SAM=${SAM:-vit_h}
+IMAGES=${IMAGES:-4}
+"$PYTHON" bench/bench_speed.py --device "$DEVICE" --sam "$SAM" --images "$IMAGES" --expressions 3 \
+  --modes exact,fast,sam16 --rounds 2 2>&1 | grep -v "^Loading weights" | tee "$OUT/bench_speed.txt"
