@@ -26,8 +26,8 @@ class HybridGLConfig:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 800
     # SAM's image encoder compute dtype (speed, not the method): None = float32, or float16 on a
-    # GPU in the fast mode; "bfloat16" on a CPU with AMX runs it ~2x faster but moves mask borders
-    # (and so may change proposals and choices): an explicit choice, never implied by `fast` on CPU.
+    # GPU in the fast mode; "bfloat16" on a CPU with AMX makes SAM ~1.4x faster but moves mask
+    # borders (and so may change proposals and choices): an explicit choice, never implied by `fast` on CPU.
     sam_dtype: str | None = None
     # Images larger than this (longest side, pixels) are downscaled for the model and the mask is
     # given back at the original size; None: never (see HybridGL.prepare for how this relates to the spec).
