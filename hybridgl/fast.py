@@ -160,6 +160,19 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     return features, LowPrecision(np.ones(n, bool), spread, size, {int(p): exact[i] for i, p in enumerate(probes)})
 
 
+def prepare_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
+                     device: torch.device, history: FastHistory) -> tuple[torch.Tensor, LowPrecision | None]:
+    """The fast mode's hybrid features of one image: float32 at once where `history` says low
+    precision has not been paying off, else `fast_features` (an image whose probes alone show that
+    low precision cannot tell masks apart counts as wasted)."""
+    if history.skip_low_precision():
+        return hybrid_features(clip, image, masks, config, device), None
+    features, low = fast_features(clip, image, masks, config, device)
+    if low is None and len(masks) > config.fast_probes:
+        history.record(1.0)
+    return features, low
+
+
 def _top_k_contested(S: np.ndarray, e: np.ndarray, k: int) -> np.ndarray:
     """Masks whose error could move them across the boundary of the k largest S (empty: sure)."""
     if k >= len(S):

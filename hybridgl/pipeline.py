@@ -20,7 +20,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
-from .fast import FastHistory, LowPrecision, contested, fast_features
+from .fast import FastHistory, LowPrecision, contested, prepare_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -300,10 +300,8 @@ class HybridGL:
         else:
             props = Proposals.from_masks(proposals, h, w)
         low = None
-        if self.config.fast and not self.fast_history.skip_low_precision():
-            features, low = fast_features(self.clip, rgb, props.masks, self.config, self.device)
-            if low is None and len(props) > self.config.fast_probes:  # the probes alone said so
-                self.fast_history.record(1.0)
+        if self.config.fast:
+            features, low = prepare_features(self.clip, rgb, props.masks, self.config, self.device, self.fast_history)
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
@@ -342,13 +340,13 @@ class HybridGL:
     def _refine(self, view: PreparedView, rows: np.ndarray) -> None:
         """Float32 features for `rows` of a fast-mode view (the probes' are already known)."""
         lp = view.low_precision
-        new = np.array([i for i in rows if int(i) not in lp.exact], dtype=np.int64)
+        known = [int(i) for i in rows if int(i) in lp.exact]
+        new = np.setdiff1d(rows, known).astype(np.int64)
         if len(new):
             view.features[torch.from_numpy(new).to(view.features.device)] = hybrid_features(
                 self.clip, view.image, view.masks[new], self.config, self.device)
-        for i in rows:
-            if int(i) in lp.exact:
-                view.features[int(i)] = lp.exact.pop(int(i))
+        for i in known:
+            view.features[i] = lp.exact.pop(i)
         lp.low[rows] = False
         log.debug("fast mode: %d of %d masks' features made exact", len(rows), len(lp.low))
         if not lp.low.any():
