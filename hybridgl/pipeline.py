@@ -36,6 +36,9 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A PIL image (EXIF orientation applied, any mode) or an array -> uint8 [H,W,3] RGB."""
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's convert would clip at 255
+            gray = (np.asarray(image).astype(np.uint32) * 255 + 32767) // 65535
+            return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
         if image.mode != "RGB":
             image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" \
                 else image.convert("RGB")
@@ -43,6 +46,8 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):

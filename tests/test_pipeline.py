@@ -241,3 +241,21 @@ def test_config_files_and_validation(tmp_path):
         HybridGLConfig(fusion_mode="X")
     with pytest.raises(Exception):
         HybridGLConfig().alpha = 0.1  # frozen
+
+
+def test_16_bit_grayscale_images_keep_their_tones():
+    """A 16-bit grayscale PNG (Pillow mode I;16) is scaled to 8 bits, not clipped at 255 (which made
+    every value above 255 of 65535 white); an HxWx1 array is grayscale like an HxW one."""
+    from hybridgl.pipeline import to_rgb_array
+
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    sixteen = Image.open(io.BytesIO(buf.getvalue()))
+    assert sixteen.mode.startswith("I;16")
+    rgb = to_rgb_array(sixteen)
+    assert rgb.shape == (1, 4, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], [[0, 1, 128, 255]])
+    assert (rgb == rgb[..., :1]).all()
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(to_rgb_array(gray[..., None]), to_rgb_array(gray))
