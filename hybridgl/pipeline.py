@@ -281,6 +281,11 @@ class HybridGL:
         `segment` gives the mask back at the original size (`PreparedView.full_size`).
         """
         rgb = to_rgb_array(image)
+        if proposals is not None:  # checked against the image as given, before any downscaling
+            given = proposals.masks if isinstance(proposals, Proposals) else proposals
+            shape = tuple(given.shape) if hasattr(given, "shape") else np.shape(given)
+            if len(shape) not in (2, 3) or tuple(shape[-2:]) != rgb.shape[:2]:
+                raise ValueError(f"proposals must be bool [N,{rgb.shape[0]},{rgb.shape[1]}], got {shape}")
         original_size = None
         limit = self.config.max_image_side
         if limit is not None and max(rgb.shape[:2]) > limit:

@@ -84,3 +84,19 @@ def test_a_59_megapixel_upload_gives_a_full_size_mask_and_keeps_only_bounded_wor
     (view,) = backend._views.values()
     assert max(view.size) == 512 and view.output_size == (height, width)
     assert left < 64 * 2**20 and view_bytes(view) < 64 * 2**20  # 59 MP masks would be 59 MB each
+
+
+def test_given_proposals_of_the_wrong_size_are_refused_before_downscaling():
+    """Proposals must match the image as given: downscaling used to crop wider ones silently and to
+    fail on smaller ones with an IndexError; a Proposals object was never checked."""
+    from hybridgl.proposals import Proposals
+
+    model = tiny_hybridgl(sam=False, max_image_side=500)
+    big = np.zeros((999, 1500, 3), np.uint8)
+    for shape in ((1, 999, 1600), (1, 900, 1500)):
+        with pytest.raises(ValueError, match=r"proposals must be bool \[N,999,1500\]"):
+            model.prepare(big, proposals=np.zeros(shape, bool))
+    small = np.zeros((333, 500, 3), np.uint8)
+    wrong = Proposals.from_masks(np.ones((1, 333, 501), bool), 333, 501)
+    with pytest.raises(ValueError, match=r"proposals must be bool \[N,333,500\]"):
+        model.prepare(small, proposals=wrong)
