@@ -149,6 +149,12 @@ class MaskProposer:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1]
         crop_size = crop.shape[:2]
+        if min(ResizeLongestSide.get_preprocess_shape(*crop_size, self.transform.target_length)) == 0:
+            log.info("a %dx%d crop is too thin for SAM's input: no masks from it", *crop_size[::-1])
+            height, width = image.shape[:2]
+            device = self.sam.device
+            return (torch.zeros(0, height, width, dtype=torch.bool, device=device),
+                    torch.zeros(0, 4, dtype=torch.int64, device=device), torch.zeros(0, device=device))
         embedding, input_size = self._embed(crop)
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         parts = [self._batch(embedding, input_size, crop_size, batch, crop_box, image.shape[:2])

@@ -101,3 +101,13 @@ def test_which_dtype_sam_runs_in():
     assert MaskProposer(sam, HybridGLConfig(fast=True, sam_dtype="float32")).sam_dtype(gpu) == "float32"
     with pytest.raises(ValueError, match="sam_dtype"):
         HybridGLConfig(sam_dtype="int8")
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (3000, 1)])
+def test_an_image_too_thin_for_sams_input_has_no_proposals(sharp_sam, shape):
+    """SAM's resize to 1024 on the long side rounds a 1x3000 image's short side to 0 pixels: no
+    proposals (the spec's "tiny images"), not a ValueError from the resize (max_image_side off)."""
+    image = np.full((*shape, 3), 128, np.uint8)
+    props = MaskProposer(sharp_sam, HybridGLConfig(points_per_side=2, pred_iou_thresh=0.0,
+                                                   stability_score_thresh=0.0, max_image_side=None))(image)
+    assert len(props) == 0 and props.masks.shape == (0, *shape)
