@@ -320,9 +320,22 @@ def resolve_sam_checkpoint(model_type: str, checkpoint: str | Path | None = None
 
 # -- CLIP -------------------------------------------------------------------------------------------
 
+def _clip_dir_missing(path: Path) -> list[str]:
+    """What a CLIP directory lacks: config, weights, tokenizer (without vocab.json and merges.txt, or
+    tokenizer.json, transformers builds an empty tokenizer without an error)."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not (any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
+        missing.append("weights (*.safetensors or pytorch_model.bin)")
+    if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+            or (path / "tokenizer.json").is_file()):
+        missing.append("tokenizer (vocab.json and merges.txt, or tokenizer.json)")
+    return missing
+
+
 def _is_complete_clip_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file())
+    return not _clip_dir_missing(path)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -353,13 +366,17 @@ def _hf_cached_snapshot(name: str) -> Path | None:
 def resolve_clip(name_or_path: str, *, cache_dir=None, offline: bool | None = None) -> str:
     """A local directory holding CLIP's weights, config and tokenizer.
 
-    An existing directory is returned as is. A Hugging Face id resolves to, in order: the copy that
+    An existing directory is returned as is (a FileNotFoundError if it lacks the config, the weights
+    or the tokenizer files). A Hugging Face id resolves to, in order: the copy that
     `download` put under <cache_dir or MODEL_DIR>/clip/, a complete snapshot in the Hugging Face
     cache (HF_HOME), else (online) a fresh download into <cache_dir or MODEL_DIR>/clip/ from
     HF_ENDPOINT. Offline, a missing model is a FileNotFoundError naming the download command.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        missing = _clip_dir_missing(path)
+        if missing:
+            raise FileNotFoundError(f"CLIP directory {path} is incomplete: it has no {', '.join(missing)}")
         return str(path)
     if _looks_like_path(name_or_path):
         raise FileNotFoundError(f"CLIP directory not found: {path}")

@@ -430,3 +430,30 @@ def test_clip_in_the_hugging_face_cache_is_used_offline(env, monkeypatch):
     assert weights.resolve_clip("org/cached") == str(snapshot)
     (row,) = weights.check(None, "org/cached", stanza=False)
     assert row["present"] and row["path"] == str(snapshot)
+
+
+def test_clip_without_its_tokenizer_files_is_not_complete(env, tmp_path, monkeypatch):
+    """config.json and weights without vocab.json/merges.txt (a snapshot cut short, or a Hugging Face
+    cache filled by CLIPModel.from_pretrained alone) used to count as a complete CLIP; transformers then
+    builds a 2-token tokenizer without an error and every expression encodes to the same garbage ids."""
+    partial = tmp_path / "partial-clip"
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (partial / name).write_bytes((TINY_CLIP_DIR / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="incomplete.*vocab.json"):
+        weights.resolve_clip(str(partial))
+    target = weights.clip_local_dir("org/cut")  # a download into MODEL_DIR cut before the tokenizer
+    target.parent.mkdir(parents=True)
+    os.symlink(partial, target)
+    repo = env / "hf" / "hub" / "models--org--cut"  # the same files in the Hugging Face cache
+    snapshot = repo / "snapshots" / ("b" * 40)
+    snapshot.parent.mkdir(parents=True)
+    os.symlink(partial, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    with pytest.raises(FileNotFoundError, match="offline"):
+        weights.resolve_clip("org/cut", offline=True)
+    (row,) = weights.check(None, "org/cut", stanza=False)
+    assert not row["present"]
+    (partial / "tokenizer.json").write_text("{}")  # a fast tokenizer file stands in for vocab + merges
+    assert weights.resolve_clip("org/cut", offline=True) == str(target)
