@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,7 +81,15 @@ def build_sam(model_type: str, checkpoint: str | Path | None,
         if model_type not in SAM_MODEL_TYPES:
             raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {SAM_MODEL_TYPES}")
         builder = sam_model_registry[model_type]
-    sam = builder(checkpoint=str(checkpoint) if checkpoint is not None else None)
+    try:
+        sam = builder(checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # what torch.load raises for a bad file
+        if checkpoint is None:
+            raise
+        hint = (f"check it with `python -m hybridgl.weights check --sam {model_type} --verify`"
+                if model_type in SAM_MODEL_TYPES else "compare it with its source (size, SHA-256; --verify)")
+        raise RuntimeError(f"cannot load the SAM checkpoint {checkpoint} as {model_type!r}: a damaged or incomplete "
+                           f"file, or another model type? ({exc.__class__.__name__}: {str(exc)[:300]}); {hint}") from exc
     return sam.to(device).eval()
 
 

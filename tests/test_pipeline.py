@@ -259,3 +259,15 @@ def test_16_bit_grayscale_images_keep_their_tones():
     assert (rgb == rgb[..., :1]).all()
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     np.testing.assert_array_equal(to_rgb_array(gray[..., None]), to_rgb_array(gray))
+
+
+def test_a_damaged_sam_checkpoint_names_the_file(tmp_path):
+    """torch.load's own error on a truncated or corrupted file does not name it and suggests loading
+    with weights_only=False; the error says which file and how to check it."""
+    good = save_tiny_sam(tmp_path / "tiny_sam.pth")
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match=r"cut\.pth.*damaged or incomplete.*--verify"):
+        build_sam("tiny", bad, builder=tiny_sam_builder)
+    with pytest.raises(TypeError):  # the builder's own errors are left alone
+        build_sam("tiny", good, builder=lambda **kw: (_ for _ in ()).throw(TypeError("bad builder")))
