@@ -36,9 +36,17 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A PIL image (EXIF orientation applied, any mode) or an array -> uint8 [H,W,3] RGB."""
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's convert would clip at 255
-            gray = (np.asarray(image).astype(np.uint32) * 255 + 32767) // 65535
-            return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+        # 16-bit and float grayscale: Pillow's convert would clip at 255 (the same rule as the
+        # backend's decode_image, so a file gives the same pixels there and here)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(image).astype(np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+            gray = (a / top * 255).clip(0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        if image.mode == "F":
+            a = np.nan_to_num(np.asarray(image, dtype=np.float64))
+            gray = ((a - a.min()) / max(float(np.ptp(a)), 1e-12) * 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
         if image.mode != "RGB":
             image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" \
                 else image.convert("RGB")

@@ -259,6 +259,12 @@ def test_16_bit_grayscale_images_keep_their_tones():
     assert (rgb == rgb[..., :1]).all()
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     np.testing.assert_array_equal(to_rgb_array(gray[..., None]), to_rgb_array(gray))
+    # 32-bit integer and float images, and the backend's decoder on the same files
+    from backend.images import decode_image
+
+    for im in (Image.fromarray(values.astype(np.int32)), Image.fromarray(values.astype(np.float32))):
+        np.testing.assert_array_equal(to_rgb_array(im)[..., 0], [[0, 1, 128, 255]], err_msg=im.mode)
+    np.testing.assert_array_equal(rgb, decode_image(buf.getvalue(), 10**6))
 
 
 def test_a_damaged_sam_checkpoint_names_the_file(tmp_path):
