@@ -107,6 +107,8 @@ class HybridGLConfig:
             raise ValueError(f"sam_dtype must be float32, float16, bfloat16 or None, got {self.sam_dtype!r}")
         if not 0 <= self.fusion_start_block <= 11:
             raise ValueError("fusion_start_block must lie in [0, 11]")
+        if not 0 <= self.gem_blocks <= 12:
+            raise ValueError("gem_blocks must lie in [0, 12] (the last blocks of CLIP's 12)")
         if self.k1 < 1 or self.k2 < 1:
             raise ValueError("k1 and k2 must be at least 1")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:

@@ -277,3 +277,11 @@ def test_a_damaged_sam_checkpoint_names_the_file(tmp_path):
         build_sam("tiny", bad, builder=tiny_sam_builder)
     with pytest.raises(TypeError):  # the builder's own errors are left alone
         build_sam("tiny", good, builder=lambda **kw: (_ for _ in ()).throw(TypeError("bad builder")))
+
+
+def test_gem_depth_is_validated():
+    """gem_blocks 13 made `len(layers) - gem_blocks` negative: GEM silently started at the last block."""
+    assert HybridGLConfig(gem_blocks=0).gem_blocks == 0 and HybridGLConfig(gem_blocks=12).gem_blocks == 12
+    for bad in (-1, 13):
+        with pytest.raises(ValueError, match="gem_blocks"):
+            HybridGLConfig(gem_blocks=bad)
