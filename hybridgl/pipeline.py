@@ -6,6 +6,7 @@ mask-level scoring.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -68,6 +69,18 @@ def load_image(path: str | Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         return to_rgb_array(im)
+
+
+def downscale_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [N,H,W] -> bool [N,height,width] by nearest neighbour; a mask thinner than the sampling
+    step, which nearest neighbour would erase, instead keeps every cell that one of its pixels falls in."""
+    rows = (np.arange(height) * masks.shape[1]) // height
+    cols = (np.arange(width) * masks.shape[2]) // width
+    small = masks[:, rows[:, None], cols[None, :]]
+    for i in np.flatnonzero(~small.any(axis=(1, 2)) & masks.any(axis=(1, 2))):
+        ys, xs = np.nonzero(masks[i])
+        small[i, ys * height // masks.shape[1], xs * width // masks.shape[2]] = True
+    return small
 
 
 def default_device() -> torch.device:
@@ -302,12 +315,12 @@ class HybridGL:
             size = (max(1, round(original_size[1] * scale)), max(1, round(original_size[0] * scale)))
             rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
             if proposals is not None:
-                proposals = proposals.masks if isinstance(proposals, Proposals) else proposals
-                masks = np.asarray(proposals.cpu() if isinstance(proposals, torch.Tensor) else proposals, dtype=bool)
-                masks = masks[None] if masks.ndim == 2 else masks
-                rows = (np.arange(size[1]) * original_size[0]) // size[1]
-                cols = (np.arange(size[0]) * original_size[1]) // size[0]
-                proposals = masks[:, rows[:, None], cols[None, :]]
+                quality = proposals.quality if isinstance(proposals, Proposals) else None
+                given = proposals.masks if isinstance(proposals, Proposals) else proposals
+                masks = np.asarray(given.cpu() if isinstance(given, torch.Tensor) else given, dtype=bool)
+                proposals = downscale_masks(masks[None] if masks.ndim == 2 else masks, size[1], size[0])
+                if quality is not None:  # SAM's predicted IoU (a calibration feature) stays the mask's
+                    proposals = dataclasses.replace(Proposals.from_masks(proposals, size[1], size[0]), quality=quality)
         h, w = rgb.shape[:2]
         if proposals is None:
             if self.proposer is None:

@@ -100,3 +100,27 @@ def test_given_proposals_of_the_wrong_size_are_refused_before_downscaling():
     wrong = Proposals.from_masks(np.ones((1, 333, 501), bool), 333, 501)
     with pytest.raises(ValueError, match=r"proposals must be bool \[N,333,500\]"):
         model.prepare(small, proposals=wrong)
+
+
+def test_given_proposals_keep_their_quality_and_thin_masks_when_downscaled():
+    """Downscaling given proposals kept neither SAM's predicted IoU of a Proposals object (the
+    calibration's sam_iou feature became NaN) nor a mask thinner than the sampling step (a 1-pixel
+    line vanished and an empty mask was scored)."""
+    from hybridgl.proposals import Proposals
+
+    model = tiny_hybridgl(sam=False, max_image_side=500)
+    big = np.asarray(Image.open(IMAGE).convert("RGB")).repeat(3, axis=0).repeat(3, axis=1)  # 1500x999
+    masks = np.zeros((3, 999, 1500), bool)
+    masks[0, 100:400, 200:600] = True
+    masks[1, 601, 300:1200] = True  # one pixel tall: nearest neighbour samples rows 0, 3, 6, ...
+    masks[2, 700:900, 1000:1400] = True
+    given = Proposals.from_masks(masks, 999, 1500)
+    given = Proposals(given.masks, given.boxes_xywh, np.array([0.9, 0.8, 0.7], np.float32))
+    view = model.prepare(big, proposals=given)
+    np.testing.assert_array_equal(view.proposals.quality, given.quality)
+    assert view.masks[1].any() and view.masks[1].sum() == 300  # row 601 -> row 200, columns 100..399
+    assert np.flatnonzero(view.masks[1].any(axis=1)).tolist() == [200]
+    np.testing.assert_array_equal(view.masks[0], masks[0, ::3, ::3])  # thick masks: nearest neighbour as before
+    np.testing.assert_array_equal(view.masks[2], masks[2, ::3, ::3])
+    seg = model.segment(view, "the cup")
+    assert seg.mask.shape == (999, 1500)
