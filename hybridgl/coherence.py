@@ -55,6 +55,8 @@ def gem_tokens(clip: nn.Module, image: np.ndarray, config: HybridGLConfig,
         debug["gem_input"] = pixels.cpu().numpy()
     layers = clip.vision_model.encoder.layers
     first = len(layers) - config.gem_blocks
+    if first < 0:  # the config allows 12 (ViT-B/16's depth); a shallower CLIP has fewer blocks
+        raise ValueError(f"gem_blocks={config.gem_blocks} exceeds this CLIP's {len(layers)} blocks")
     x = clip_vit.embed(clip, pixels)
     for layer in layers[:first]:
         x = clip_vit.residual_block(layer, x)

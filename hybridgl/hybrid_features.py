@@ -132,6 +132,8 @@ def fuse_branches(clip: nn.Module, local: torch.Tensor, global_: torch.Tensor, w
     """
     layers = clip.vision_model.encoder.layers
     start, beta, mode = config.fusion_start_block, config.beta, config.fusion_mode
+    if start >= len(layers):
+        raise ValueError(f"fusion_start_block={start} is not a block of this CLIP (it has {len(layers)})")
     b = local.shape[0]
     w = w.to(local.dtype)
     blocked = cls_attention_block(w)

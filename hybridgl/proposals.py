@@ -88,7 +88,7 @@ def build_sam(model_type: str, checkpoint: str | Path | None,
             raise
         hint = (f"check it with `python -m hybridgl.weights check --sam {model_type} --verify`"
                 if model_type in SAM_MODEL_TYPES else "compare it with its source (size, SHA-256; --verify)")
-        raise RuntimeError(f"cannot load the SAM checkpoint {checkpoint} as {model_type!r}: a damaged or incomplete "
+        raise ValueError(f"cannot load the SAM checkpoint {checkpoint} as {model_type!r}: a damaged or incomplete "
                            f"file, or another model type? ({exc.__class__.__name__}: {str(exc)[:300]}); {hint}") from exc
     return sam.to(device).eval()
 

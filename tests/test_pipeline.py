@@ -14,7 +14,7 @@ from hybridgl import HybridGL, HybridGLConfig, ParsedExpression
 from hybridgl.guidance import guidance_score, guided_map, position_prior
 from hybridgl.proposals import Proposals, build_sam
 
-from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, build_tiny_sam, save_tiny_sam, tiny_sam_builder
+from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, build_tiny_sam, save_tiny_sam, tiny_clip, tiny_sam_builder
 
 IMAGE = GOLDEN_DIR / "p00_cup_left_of_plate" / "image.png"
 
@@ -273,7 +273,7 @@ def test_a_damaged_sam_checkpoint_names_the_file(tmp_path):
     good = save_tiny_sam(tmp_path / "tiny_sam.pth")
     bad = tmp_path / "cut.pth"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(RuntimeError, match=r"cut\.pth.*damaged or incomplete.*--verify"):
+    with pytest.raises(ValueError, match=r"cut\.pth.*damaged or incomplete.*--verify"):
         build_sam("tiny", bad, builder=tiny_sam_builder)
     with pytest.raises(TypeError):  # the builder's own errors are left alone
         build_sam("tiny", good, builder=lambda **kw: (_ for _ in ()).throw(TypeError("bad builder")))
@@ -285,3 +285,22 @@ def test_gem_depth_is_validated():
     for bad in (-1, 13):
         with pytest.raises(ValueError, match="gem_blocks"):
             HybridGLConfig(gem_blocks=bad)
+
+
+def test_a_clip_shallower_than_the_config_is_a_clear_error():
+    """A CLIP with fewer blocks than gem_blocks or fusion_start_block asks for: GEM started at a
+    negative block index (silently on the last blocks only) and the fusion never ran; now a ValueError."""
+    from hybridgl.coherence import gem_tokens
+    from hybridgl.hybrid_features import hybrid_features
+
+    clip = tiny_clip()[0]
+    clip.vision_model.encoder.layers = clip.vision_model.encoder.layers[:4]
+    image = np.full((64, 64, 3), 128, np.uint8)
+    masks = np.zeros((1, 64, 64), bool)
+    masks[0, 10:30, 10:30] = True
+    with pytest.raises(ValueError, match="gem_blocks=6 exceeds this CLIP's 4 blocks"):
+        gem_tokens(clip, image, HybridGLConfig())
+    with pytest.raises(ValueError, match="fusion_start_block=9 is not a block of this CLIP"):
+        hybrid_features(clip, image, masks, HybridGLConfig())
+    assert gem_tokens(clip, image, HybridGLConfig(gem_blocks=4)).shape[-1] == clip.visual_projection.out_features
+    assert hybrid_features(clip, image, masks, HybridGLConfig(fusion_start_block=3)).shape == (1, clip.visual_projection.out_features)
