@@ -9,11 +9,12 @@ import base64
 import io
 import json
 import logging
+import posixpath
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlparse
+from urllib.parse import parse_qs, urljoin, urlparse
 
 import numpy as np
 import requests
@@ -226,20 +227,29 @@ class ImageFetcher:
     # -- references -------------------------------------------------------------------------------
     def _local_file(self, url: str) -> bytes:
         root = self.settings.local_files_root
-        rel = unquote(parse_qs(urlparse(url).query).get("d", [""])[0])
-        if not rel:
+        # as Label Studio's /data/local-files/ view reads it: request.GET["d"] (decoded once, the last
+        # value) with a leading "/" dropped (always relative to the root)
+        values = parse_qs(urlparse(url).query, keep_blank_values=True).get("d")
+        rel = posixpath.normpath(values[-1]).lstrip("/") if values and values[-1] else ""
+        if not rel or rel == ".":
             raise TaskError("missing_image", "a /data/local-files/ URL without ?d=<path>")
         if "\x00" in rel:  # the OS cannot name such a file; Path would raise ValueError
             raise TaskError("forbidden", "local file path refused: it contains a NUL byte")
-        real_root = Path(root).resolve()
-        path = (real_root / rel).resolve()
-        if not path.is_relative_to(real_root):
-            raise TaskError("forbidden", "local file path outside LOCAL_FILES_DOCUMENT_ROOT refused")
-        if not path.is_file():
-            raise TaskError("missing_image", f"local file not found: {rel}")
-        if path.stat().st_size > self.settings.max_image_bytes:
-            raise TaskError("bad_image", f"image larger than HYBRIDGL_MAX_IMAGE_MB={_mb(self.settings.max_image_bytes)}")
-        return path.read_bytes()
+        try:
+            real_root = Path(root).resolve()
+            path = (real_root / rel).resolve()
+            if not path.is_relative_to(real_root):
+                raise TaskError("forbidden", "local file path outside LOCAL_FILES_DOCUMENT_ROOT refused")
+            if not path.is_file():
+                raise TaskError("missing_image", f"local file not found: {rel[:200]}")
+            if path.stat().st_size > self.settings.max_image_bytes:
+                raise TaskError("bad_image", f"image larger than HYBRIDGL_MAX_IMAGE_MB={_mb(self.settings.max_image_bytes)}")
+            return path.read_bytes()
+        except (OSError, RuntimeError) as exc:  # a name too long, a file it may not read; RuntimeError: a
+            # loop of symbolic links (Path.resolve before Python 3.13)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of symbolic links" \
+                if isinstance(exc, RuntimeError) else str(exc)
+            raise TaskError("missing_image", f"local file {rel[:200]!r} cannot be read ({reason})") from None
 
     def fetch(self, url: str, task_id: int | None = None, ls: LabelStudioConnection | None = None) -> bytes:
         """The bytes of a task's image reference; `ls` defaults to the environment's Label Studio."""

@@ -293,6 +293,30 @@ def test_local_files_root_and_traversal_refused(model, tmp_path):
     assert "error" not in ok and outside["kind"] == "forbidden" and absent["kind"] == "missing_image"
 
 
+def test_local_files_decode_d_like_label_studio_and_bad_names_are_task_errors(model, tmp_path):
+    """Label Studio builds `?d=quote(path)` and its view reads request.GET['d'] (decoded once, the last
+    value, a leading '/' dropped): a file whose name holds '%41' must not become 'A'; a name too long
+    for the OS is a missing image, not an internal error."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "cup%41.png").write_bytes(IMAGE_A)  # as quote() writes it: ?d=cup%2541.png
+    (tmp_path / "imgs" / "cupA.png").write_bytes(IMAGE_B)  # what a second decoding would read instead
+    (tmp_path / "imgs" / "b.png").write_bytes(IMAGE_B)
+    (tmp_path / "imgs" / "loop1").symlink_to("loop2")
+    (tmp_path / "imgs" / "loop2").symlink_to("loop1")
+    backend, c = make_client(model, local_files_root=tmp_path / "imgs")
+    assert backend.fetcher.fetch("/data/local-files/?d=cup%2541.png") == IMAGE_A
+    assert backend.fetcher.fetch("/data/local-files/?d=%2Fb.png") == IMAGE_B  # Label Studio: relative to the root
+    assert backend.fetcher.fetch("/data/local-files/?d=a.png&d=b.png") == IMAGE_B  # the last value, as Django
+    long_name, deep, loop, ok = predict(c, [
+        {"id": 1, "data": {"image": "/data/local-files/?d=" + "x" * 300 + ".png", "text": "the cup"}},
+        {"id": 2, "data": {"image": "/data/local-files/?d=" + "d/" * 3000 + "x.png", "text": "the cup"}},
+        {"id": 3, "data": {"image": "/data/local-files/?d=loop1/x.png", "text": "the cup"}},
+        {"id": 4, "data": {"image": "/data/local-files/?d=b.png", "text": "the cup"}},
+    ])
+    assert [r.get("kind") for r in (long_name, deep, loop)] == ["missing_image"] * 3, (long_name, deep, loop)
+    assert "error" not in ok
+
+
 def test_foreign_hosts_need_the_allow_list(model, ls):
     foreign = ls.url.replace("127.0.0.1", "localhost") + "/bucket/a.png"
     _, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN)
