@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urljoin, urlparse
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .labeling import TaskError
@@ -179,12 +180,19 @@ class ImageFetcher:
         if declared and declared.isdigit() and int(declared) > limit:
             raise TaskError("bad_image", f"image of {int(declared)} bytes exceeds HYBRIDGL_MAX_IMAGE_MB={_mb(limit)}")
         out = io.BytesIO()
+        timeout = self.settings.fetch_timeout
+        deadline = time.monotonic() + timeout  # the socket timeout bounds one read, this the whole body
+        read1 = getattr(r.raw, "read1", None)  # urllib3 >= 2.3: what has arrived, not a full block
+        blocks = iter(lambda: read1(1 << 16, decode_content=True) or b"", b"") if read1 else r.iter_content(1 << 16)
         try:
-            for block in r.iter_content(1 << 16):
+            for block in blocks:
                 out.write(block)
                 if out.tell() > limit:
                     raise TaskError("bad_image", f"image larger than HYBRIDGL_MAX_IMAGE_MB={_mb(limit)}")
-        except requests.RequestException as exc:
+                if time.monotonic() > deadline:
+                    raise TaskError("fetch", f"the image download from {target.host} took longer than "
+                                             f"HYBRIDGL_FETCH_TIMEOUT={timeout:g} s")
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise TaskError("fetch", f"the image download broke off ({exc.__class__.__name__})") from exc
         return out.getvalue()
 

@@ -660,3 +660,30 @@ def test_prepared_image_cache_is_bounded_by_count_and_bytes(model):
         tight.prepared(raw, decode_image(raw, 10**8))
     assert tight.cache_size() == 1
     assert tight.busy == 0  # every prepare released its slot
+
+
+def test_a_trickling_image_host_cannot_hold_a_request_past_the_fetch_timeout(model):
+    """HYBRIDGL_FETCH_TIMEOUT bounds one whole download: a host that sends a byte just faster than the
+    socket timeout must not keep the request (and its admission slot) for hours."""
+    stop = threading.Event()
+
+    class Handler(QuietHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE_A)))
+            self.end_headers()
+            for b in IMAGE_A:
+                if stop.wait(0.2):
+                    return
+                self.wfile.write(bytes([b]))
+                self.wfile.flush()
+
+    with LocalServer(Handler) as slow:
+        _, c = make_client(model, label_studio_url=slow.url, fetch_timeout=1.0)
+        t0 = time.time()
+        try:
+            (result,) = predict(c, [{"id": 1, "data": {"image": "/data/upload/1/a.png", "text": "the cup"}}])
+        finally:
+            stop.set()
+        assert time.time() - t0 < 4, "the download ran past HYBRIDGL_FETCH_TIMEOUT"
+        assert result["kind"] in ("fetch", "unreachable") and "HYBRIDGL_FETCH_TIMEOUT" in result["error"], result
