@@ -36,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import requests
 
+from .labeling import TaskError
+
 log = logging.getLogger("backend.quality")
 
 ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
@@ -66,14 +68,16 @@ CREATE TABLE IF NOT EXISTS webhook_events (
 );
 """
 DRAIN_SECONDS = 20.0  # within gunicorn's graceful timeout (30 s) of docker/start.sh
+RETRY_SECONDS = 5.0  # while Label Studio cannot be reached, the backlog is tried again this often
 
 
 class QualityError(Exception):
     """Why one webhook could not be scored (counted in /metrics as quality.<kind>)."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, retry: bool = False):
         super().__init__(message)
         self.kind = kind
+        self.retry = retry  # Label Studio could not be reached: the event stays queued for a later try
 
 
 # -- masks ------------------------------------------------------------------------------------------
@@ -303,18 +307,27 @@ class QualityTracker:
             for event_id, payload in events:
                 if self._stop.is_set():
                     return
-                self.process(payload, event_id)
+                try:
+                    self.process(payload, event_id, keep_if_away=True)
+                except QualityError as exc:  # Label Studio away: this event and the rest stay queued
+                    log.info("webhooks: %s; %d events kept, tried again in %.0f s", exc,
+                             self.store.backlog_size(), RETRY_SECONDS)
+                    self._stop.wait(RETRY_SECONDS)
+                    break
                 self.store.handled(event_id)  # events that recorded nothing (the others are gone already)
 
-    def process(self, payload: dict, event_id: int | None = None) -> dict | None:
+    def process(self, payload: dict, event_id: int | None = None, keep_if_away: bool = False) -> dict | None:
         """Score one annotation webhook (the backlog's event `event_id`, if it is one); returns the
-        stored numbers, or None (counted by kind)."""
+        stored numbers, or None (counted by kind). keep_if_away: re-raise the QualityError of a
+        Label Studio that could not be reached (the caller keeps the event for a later try)."""
         try:
             out = self._process(payload, event_id)
             self._count("quality.recorded")
             return out
         except QualityError as exc:
             self._count(f"quality.{exc.kind}")
+            if keep_if_away and exc.retry:
+                raise
             log.info("webhook %s not scored: %s", payload.get("action"), exc)
         except Exception:  # noqa: BLE001 - a webhook must never take the backend down
             self._count("quality.internal")
@@ -363,7 +376,11 @@ def label_studio_lookup(backend) -> Lookup:
             if not conn.url:
                 continue
             try:
-                headers = backend.fetcher.auth.header(conn.url, conn.token)
+                try:
+                    headers = backend.fetcher.auth.header(conn.url, conn.token)
+                except TaskError as exc:  # a personal access token's refresh failed
+                    raise QualityError("unreachable" if exc.kind == "unreachable" else "auth", str(exc),
+                                       retry=exc.kind == "unreachable") from None
                 r = requests.get(f"{conn.url}/api/predictions", params={"task": task_id}, headers=headers,
                                  timeout=backend.settings.fetch_timeout)
                 if r.status_code in (401, 403):
@@ -376,7 +393,8 @@ def label_studio_lookup(backend) -> Lookup:
         if isinstance(last, QualityError):
             raise last
         raise QualityError("unreachable", f"could not read task {task_id}'s predictions from Label Studio "
-                                          f"({last.__class__.__name__ if last else 'no Label Studio connection'})")
+                                          f"({last.__class__.__name__ if last else 'no Label Studio connection'})",
+                           retry=isinstance(last, (requests.ConnectionError, requests.Timeout)))
 
     return predictions_of
 

@@ -6,6 +6,7 @@ Label Studio is in tests/test_preannotate_e2e.py.
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -201,3 +202,39 @@ def test_report_files(tmp_path):
         assert im.size == (640, 400)
     histogram_png(tmp_path / "empty.png", [], 10, "none")
     assert margin_of(None) is None
+
+
+@pytest.mark.parametrize("token", [TOKEN, "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln"])
+def test_an_event_that_finds_label_studio_away_stays_queued_until_it_is_back(model, tmp_path, token):
+    """A webhook acknowledged as queued is not lost when Label Studio cannot be reached for the lookup
+    (a restart; both services started together after a crash): it stays in the backlog and is scored
+    once Label Studio answers. With a personal access token the failed refresh is `unreachable` too,
+    not an internal error."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: Label Studio is away
+        s.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{s.getsockname()[1]}"
+    backend = HybridGLBackend(model, Settings(model_dir=tmp_path, label_studio_url=away,
+                                              label_studio_api_key=token, fetch_timeout=2.0))
+    tracker = quality.tracker_for(backend)
+    lookups = []
+    tracker.predictions_of = lambda task_id, project: lookups.append(task_id) or quality.label_studio_lookup(
+        backend)(task_id, project)
+    assert tracker.submit({"action": "ANNOTATION_CREATED", "task": {"id": 5},
+                           "annotation": {"id": 1, "task": 5, "result": [region(box(0, 2, 0, 10))]}})
+    try:
+        deadline = time.time() + 10
+        while not lookups and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        counts = backend.counters.snapshot()
+        assert counts.get("quality.internal", 0) == 0 and counts.get("quality.unreachable", 0) >= 1, counts
+        assert tracker.store.backlog_size() == 1, "the event was dropped while Label Studio was away"
+        version = backend.model_version
+        tracker.predictions_of = lambda task_id, project: [
+            {"id": 9, "model_version": version, "score": 0.5, "result": [region(box(0, 4, 0, 10))]}]
+        assert tracker.wait(quality.RETRY_SECONDS + 10)  # Label Studio is back: scored on the next try
+        assert [r["annotation_id"] for r in tracker.store.rows()] == [1]
+    finally:
+        tracker.drain(1)
