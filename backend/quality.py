@@ -69,6 +69,14 @@ CREATE TABLE IF NOT EXISTS webhook_events (
 """
 DRAIN_SECONDS = 20.0  # within gunicorn's graceful timeout (30 s) of docker/start.sh
 RETRY_SECONDS = 5.0  # while Label Studio cannot be reached, the backlog is tried again this often
+KEEP_UNREACHABLE_SECONDS = 7 * 24 * 3600.0  # ... for at most this long after an event arrived
+
+
+def project_of(payload: dict) -> Any:
+    """The project a webhook names (Label Studio sends it as an object; older ones in the annotation)."""
+    project = payload.get("project")
+    annotation = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
+    return project.get("id") if isinstance(project, dict) else annotation.get("project", project)
 
 
 class QualityError(Exception):
@@ -174,11 +182,12 @@ class QualityStore:
             return int(self._db.execute("INSERT INTO webhook_events (payload, received) VALUES (?, ?)",
                                         (json.dumps(payload), time.time())).lastrowid)
 
-    def backlog(self, limit: int = 100) -> list[tuple[int, dict]]:
-        """The oldest unhandled events, (id, payload), in arrival order."""
+    def backlog(self, limit: int = 100, after: int = 0) -> list[tuple[int, dict, float]]:
+        """The oldest unhandled events after id `after`, (id, payload, received), in arrival order."""
         with self._lock:
-            rows = list(self._db.execute("SELECT id, payload FROM webhook_events ORDER BY id LIMIT ?", (limit,)))
-        return [(int(i), json.loads(p)) for i, p in rows]
+            rows = list(self._db.execute("SELECT id, payload, received FROM webhook_events WHERE id > ? "
+                                         "ORDER BY id LIMIT ?", (after, limit)))
+        return [(int(i), json.loads(p), float(t)) for i, p, t in rows]
 
     def backlog_size(self) -> int:
         with self._lock:
@@ -300,21 +309,37 @@ class QualityTracker:
     def _work(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            events = self.store.backlog()
-            if not events:
+            if not self._pass():
                 self._wake.wait(1.0)
-                continue
-            for event_id, payload in events:
+
+    def _pass(self) -> bool:
+        """Go once through the backlog in arrival order; False when it was empty. A project whose
+        Label Studio cannot be reached keeps its events (in order) for the next pass, RETRY_SECONDS
+        later, while other projects' events go on; one unreachable for KEEP_UNREACHABLE_SECONDS
+        since it arrived is given up."""
+        away: set[str] = set()
+        after, seen = 0, False
+        while events := self.store.backlog(after=after):
+            seen = True
+            for event_id, payload, received in events:
+                after = event_id
                 if self._stop.is_set():
-                    return
+                    return True
+                key = json.dumps(project_of(payload))
+                if key in away:
+                    continue
                 try:
-                    self.process(payload, event_id, keep_if_away=True)
-                except QualityError as exc:  # Label Studio away: this event and the rest stay queued
-                    log.info("webhooks: %s; %d events kept, tried again in %.0f s", exc,
-                             self.store.backlog_size(), RETRY_SECONDS)
-                    self._stop.wait(RETRY_SECONDS)
-                    break
+                    self.process(payload, event_id,
+                                 keep_if_away=time.time() - received < KEEP_UNREACHABLE_SECONDS)
+                except QualityError as exc:  # Label Studio away: this project's events stay queued
+                    away.add(key)
+                    log.info("webhooks: %s; project %s's events kept, tried again in %.0f s", exc, key,
+                             RETRY_SECONDS)
+                    continue
                 self.store.handled(event_id)  # events that recorded nothing (the others are gone already)
+        if away:
+            self._stop.wait(RETRY_SECONDS)
+        return seen
 
     def process(self, payload: dict, event_id: int | None = None, keep_if_away: bool = False) -> dict | None:
         """Score one annotation webhook (the backlog's event `event_id`, if it is one); returns the
@@ -345,8 +370,7 @@ class QualityTracker:
         task_id = task.get("id", annotation.get("task"))
         if not isinstance(task_id, int):
             raise QualityError("bad_payload", "the webhook names no task")
-        project = payload.get("project")
-        project = project.get("id") if isinstance(project, dict) else annotation.get("project", project)
+        project = project_of(payload)
         from .model import is_our_version
 
         # the annotation's parent may be an alternative (its own version); else the best mask is ours

@@ -238,3 +238,38 @@ def test_an_event_that_finds_label_studio_away_stays_queued_until_it_is_back(mod
         assert [r["annotation_id"] for r in tracker.store.rows()] == [1]
     finally:
         tracker.drain(1)
+
+
+def test_a_label_studio_that_stays_away_blocks_neither_other_projects_nor_the_queue_forever(model, tmp_path, monkeypatch):
+    """While one project's Label Studio cannot be reached, its events wait, but the other projects'
+    events behind them are scored (the backlog used to stop at the first unreachable event); an
+    event still unreachable after KEEP_UNREACHABLE_SECONDS is given up (counted, logged)."""
+    monkeypatch.setattr(quality, "RETRY_SECONDS", 0.2)
+    backend = HybridGLBackend(model, Settings(model_dir=tmp_path))
+    tracker = quality.tracker_for(backend)
+    version = backend.model_version
+    tried = []
+
+    def predictions_of(task_id, project):
+        tried.append(task_id)
+        if project == 1:
+            raise QualityError("unreachable", "connection refused", retry=True)
+        return [{"id": 9, "model_version": version, "score": 0.5, "result": [region(box(0, 4, 0, 10))]}]
+
+    tracker.predictions_of = predictions_of
+    event = lambda i, project: {"action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": i},
+                                "annotation": {"id": i, "task": i, "result": [region(box(0, 2, 0, 10))]}}
+    try:
+        for i in range(1, 4):  # project 1's event first, then two of project 2
+            assert tracker.submit(event(i, 1 if i == 1 else 2))
+        deadline = time.time() + 10
+        while len(tracker.store.rows()) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert sorted(r["annotation_id"] for r in tracker.store.rows()) == [2, 3]
+        assert tracker.store.backlog_size() == 1  # project 1's event waits for its Label Studio
+        assert tried.count(1) >= 1 and tried.count(2) == 1 and tried.count(3) == 1
+        monkeypatch.setattr(quality, "KEEP_UNREACHABLE_SECONDS", 0.0)  # now it has waited too long
+        assert tracker.wait(5), "the event that stayed unreachable was never given up"
+        assert sorted(r["annotation_id"] for r in tracker.store.rows()) == [2, 3]
+    finally:
+        tracker.drain(1)
