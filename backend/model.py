@@ -139,7 +139,7 @@ class HybridGLBackend:
         self._state_lock = threading.Lock()
         self._connections: dict[str, LabelStudioConnection] = {}  # per Label Studio project, from /setup
         self._last_connection: LabelStudioConnection | None = None
-        self._schemas: dict[str, str] = {}  # labelling configs /setup sent, per project
+        self._schemas: OrderedDict[str, str] = OrderedDict()  # labelling configs /setup sent, per project
         self.busy = 0
         # the best mask's version: the same whatever HYBRIDGL_ALTERNATIVES (the best mask does not
         # change with it); the alternatives carry alternative_version(...)
@@ -154,6 +154,8 @@ class HybridGLBackend:
         origin of its first /setup; another origin may take it over only with the token it was bound
         with, or by being LABEL_STUDIO_URL's origin (SetupError otherwise)."""
         key = project_key(project)
+        if isinstance(access_token, str) and len(access_token) > MAX_TOKEN_CHARS:
+            raise SetupError(400, f"access_token longer than {MAX_TOKEN_CHARS} characters")
         with self._state_lock:
             if hostname or access_token:
                 conn = self._setup_connection(hostname, access_token)
@@ -163,10 +165,22 @@ class HybridGLBackend:
                             conn.origin != self.fetcher.default.origin:
                         raise SetupError(409, f"project {key} is already connected to Label Studio at {bound.url}; "
                                               "a /setup from another host needs the same token")
+                    # a binding is never evicted (a flushed one could be claimed by another host): new
+                    # projects are refused past the bound instead
+                    if bound is None and len(self._connections) >= MAX_PROJECTS:
+                        raise SetupError(503, f"this backend already holds the connections of {MAX_PROJECTS} "
+                                              "projects; restart it to forget them")
                     self._connections[key] = conn
                 self._last_connection = conn
             if key is not None and isinstance(schema, str) and schema.strip():
-                self._schemas[key] = schema
+                self._schemas.pop(key, None)  # a newer config replaces it, even one too long to keep
+                if len(schema) <= MAX_SCHEMA_CHARS:
+                    self._schemas[key] = schema
+                    while len(self._schemas) > MAX_SCHEMAS:
+                        self._schemas.popitem(last=False)
+                else:
+                    log.warning("setup: project %s's labelling config (%d characters) is longer than %d: not kept, "
+                                "/predict must carry it", key, len(schema), MAX_SCHEMA_CHARS)
         return {"model_version": self.model_version}
 
     def _setup_connection(self, hostname: str | None, access_token: str | None) -> LabelStudioConnection:
@@ -402,6 +416,13 @@ def view_bytes(view: PreparedView) -> int:
     masks = view.masks.nbytes
     return int(view.image.nbytes + 2 * masks + view.features.numel() * view.features.element_size()
                + (view.tokens.numel() * view.tokens.element_size() if view.tokens is not None else 0))
+
+
+# What /setup may make the backend hold (anyone who reaches /setup can call it; BASIC_AUTH_* guards it).
+MAX_PROJECTS = 10_000  # projects' Label Studio connections
+MAX_SCHEMAS = 1_000  # labelling configs, the most recently set up projects'
+MAX_SCHEMA_CHARS = 1 << 20  # a longer config is not kept (Label Studio sends it with /predict too)
+MAX_TOKEN_CHARS = 16_384
 
 
 class SetupError(ValueError):

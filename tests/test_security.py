@@ -407,3 +407,41 @@ def test_no_query_string_or_token_in_any_log(server, tmp_path):
     assert "/predict" in text and "/webhook" in text and "DEBUG" in text  # the requests were logged
     for secret in (*secrets.values(), TOKEN):
         assert secret not in text, [line for line in text.splitlines() if secret in line]
+
+
+def test_setup_state_is_bounded(model, monkeypatch):
+    """/setup kept every project's labelling config (up to the 128 MB request limit each) and
+    connection for ever: a stream of /setup calls for new project ids grew the process without
+    bound. Configs are kept for the MAX_SCHEMAS most recent projects (a forgotten one only means
+    /predict must carry its label_config, as Label Studio's does) and only up to MAX_SCHEMA_CHARS;
+    connections, which bind a project to its Label Studio and so cannot be evicted (an attacker
+    could flush a binding and then claim the project), are refused past MAX_PROJECTS; tokens are
+    refused past MAX_TOKEN_CHARS."""
+    from backend import model as model_module
+
+    monkeypatch.setattr(model_module, "MAX_SCHEMAS", 2)
+    monkeypatch.setattr(model_module, "MAX_PROJECTS", 3)
+    ls = FakeLabelStudio({"a.png": IMAGE_A})
+    try:
+        _, c = make_client(model)
+        for p in (1, 2, 3):
+            assert c.post("/setup", json={"project": f"{p}.1", "hostname": ls.url, "access_token": TOKEN,
+                                          "schema": CONFIG}).status_code == 200
+        kinds = [c.post("/predict", json={"tasks": [task(1)], "project": f"{p}.1"}).get_json()["results"][0]
+                 .get("kind") for p in (1, 2, 3)]
+        assert kinds == ["config", None, None]  # project 1's config was the oldest
+        r = c.post("/setup", json={"project": "4.1", "hostname": ls.url, "access_token": TOKEN})
+        assert r.status_code == 503 and "3 projects" in r.get_json()["error"]
+        assert c.post("/setup", json={"project": "1.2", "hostname": ls.url, "access_token": TOKEN,
+                                      "schema": CONFIG}).status_code == 200  # a known project: fine
+        assert c.post("/predict", json={"tasks": [task(1)], "project": "1.2"}).get_json()["results"][0] \
+            .get("kind") is None
+        huge = CONFIG + "<!--" + "x" * model_module.MAX_SCHEMA_CHARS + "-->"
+        assert c.post("/setup", json={"project": "2.1", "schema": huge}).status_code == 200
+        r = c.post("/predict", json={"tasks": [task(1)], "project": "2.1"}).get_json()["results"][0]
+        assert r["kind"] == "config"  # not kept (and the previous one was replaced: it is stale)
+        r = c.post("/setup", json={"project": "3.1", "hostname": ls.url,
+                                   "access_token": "t" * (model_module.MAX_TOKEN_CHARS + 1)})
+        assert r.status_code == 400 and "access_token" in r.get_json()["error"]
+    finally:
+        ls.close()
