@@ -33,9 +33,17 @@ def _field(value: str | None) -> str | None:
     return None
 
 
-@lru_cache(maxsize=64)
+CACHED_CONFIG_CHARS = 1 << 20  # longer configs are parsed every time rather than held by the cache
+
+
 def parse_config(xml: str | None) -> Interface:
     """Find Image + BrushLabels (toName = that image) + a Text or TextArea in a labelling config."""
+    if xml is not None and len(xml) > CACHED_CONFIG_CHARS:
+        return _parse_config(xml)
+    return _cached_config(xml)
+
+
+def _parse_config(xml: str | None) -> Interface:
     if not xml or not xml.strip():
         raise TaskError("config", "no labelling config in the request")
     try:
@@ -71,6 +79,9 @@ def parse_config(xml: str | None) -> Interface:
                                   "holding the referring expression")
     return Interface(image.get("name"), _field(image.get("value")), brush.get("name"), chosen, text_field,
                      textareas)
+
+
+_cached_config = lru_cache(maxsize=64)(_parse_config)
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,17 @@ def test_config_attribute_chooses_label_and_text_field():
         parse_config(xml.replace("hybridgl_label='Other'", "hybridgl_label='Nope'"))
 
 
+def test_long_configs_are_parsed_but_not_cached():
+    """parse_config's cache held its last 64 configs whatever their size (a /predict may carry one of
+    up to 128 MB): configs longer than CACHED_CONFIG_CHARS are parsed each time instead."""
+    from backend import labeling
+
+    labeling._cached_config.cache_clear()
+    long = CONFIG.replace("</View>", "<!--" + "x" * labeling.CACHED_CONFIG_CHARS + "--></View>")
+    assert parse_config(long) == parse_config(CONFIG)
+    assert labeling._cached_config.cache_info().currsize == 1  # CONFIG only
+
+
 def test_alternatives_and_interactive_context(model, ls):
     backend, c = make_client(model, label_studio_url=ls.url, label_studio_api_key=TOKEN, alternatives=3)
     assert backend.model_version == model.model_version  # the best mask does not change with alternatives
