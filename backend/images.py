@@ -182,8 +182,7 @@ class ImageFetcher:
         out = io.BytesIO()
         timeout = self.settings.fetch_timeout
         deadline = time.monotonic() + timeout  # the socket timeout bounds one read, this the whole body
-        read1 = getattr(r.raw, "read1", None)  # urllib3 >= 2.3: what has arrived, not a full block
-        blocks = iter(lambda: read1(1 << 16, decode_content=True) or b"", b"") if read1 else r.iter_content(1 << 16)
+        blocks = iter(lambda: r.raw.read1(1 << 16, decode_content=True), b"")  # what has arrived, not a full block
         try:
             for block in blocks:
                 out.write(block)
