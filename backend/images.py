@@ -22,7 +22,7 @@ import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .labeling import TaskError
-from .outbound import AddressPolicy, ForbiddenTarget, Target, guarded_session, parse_target
+from .outbound import AddressPolicy, ForbiddenTarget, Target, guarded_session, label_studio_policy, parse_target
 from .settings import Settings
 
 log = logging.getLogger("backend.images")
@@ -151,6 +151,8 @@ class ImageFetcher:
         self.default = LabelStudioConnection(settings.label_studio_url, settings.label_studio_api_key)
         self.policy = AddressPolicy.from_settings(settings.allowed_hosts, settings.allowed_networks)
         self.checked = guarded_session(self.policy)  # every connection not to Label Studio goes through it
+        # Label Studio's origin: any address but the link-local metadata services
+        self.ls_session = guarded_session(label_studio_policy(self.policy), trust_env=True)
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _download(self, session, target: Target, headers: dict) -> requests.Response:
@@ -213,7 +215,7 @@ class ImageFetcher:
             except ForbiddenTarget as exc:
                 raise TaskError("forbidden", str(exc)) from None
             headers = self.auth.header(ls.url, ls.token) if on_ls else {}
-            with self._download(requests if on_ls else self.checked, target, headers) as r:
+            with self._download(self.ls_session if on_ls else self.checked, target, headers) as r:
                 if r.is_redirect and r.headers.get("Location"):
                     url = urljoin(target.url, r.headers["Location"])
                     continue

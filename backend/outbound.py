@@ -14,7 +14,10 @@ Server-side request forgery is refused in three places, all on what is actually 
    window for DNS rebinding between a check and the connection.
 
 Label Studio's own origin (LABEL_STUDIO_URL, or a /setup hostname) is trusted by design and is not
-subject to 2 and 3: it often lives on a loopback or private address.
+subject to 2 and 3: it often lives on a loopback or private address. Its connections are still
+checked at connect time against the link-local range, where the cloud metadata and credential
+services live and no Label Studio does (`label_studio_policy`): a /setup naming such a host gets
+no request sent there.
 """
 from __future__ import annotations
 
@@ -135,6 +138,14 @@ class AddressPolicy:
                               "HYBRIDGL_ALLOWED_NETWORKS)")
 
 
+def label_studio_policy(policy: AddressPolicy) -> AddressPolicy:
+    """What Label Studio's origin may connect to: any address but link-local ones (169.254.0.0/16,
+    fe80::/10: the metadata and credential services), unless `policy` allows them."""
+    rest = [*ipaddress.ip_network("0.0.0.0/0").address_exclude(ipaddress.ip_network("169.254.0.0/16")),
+            *ipaddress.ip_network("::/0").address_exclude(ipaddress.ip_network("fe80::/10"))]
+    return AddressPolicy(policy.hosts, policy.networks + tuple(rest))
+
+
 class _CheckedConnect:
     """urllib3 connection that resolves its host once, checks every address, and connects only to
     those checked addresses (the policy is a class attribute of the subclasses below)."""
@@ -162,9 +173,10 @@ class _CheckedConnect:
         raise last
 
 
-def guarded_session(policy: AddressPolicy) -> requests.Session:
+def guarded_session(policy: AddressPolicy, trust_env: bool = False) -> requests.Session:
     """A requests session whose every connection is checked by `policy` at connect time. It ignores
-    the environment (proxies, .netrc): a proxy would connect on our behalf, unchecked."""
+    the environment (proxies, .netrc): a proxy would connect on our behalf, unchecked (trust_env:
+    Label Studio's, whose proxy is the operator's choice)."""
     http = type("CheckedHTTPConnection", (_CheckedConnect, HTTPConnection), {"policy": policy})
     https = type("CheckedHTTPSConnection", (_CheckedConnect, HTTPSConnection), {"policy": policy})
     pools = {"http": type("CheckedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
@@ -176,7 +188,7 @@ def guarded_session(policy: AddressPolicy) -> requests.Session:
             self.poolmanager.pool_classes_by_scheme = pools
 
     session = requests.Session()
-    session.trust_env = False
+    session.trust_env = trust_env
     for prefix in ("http://", "https://"):
         session.mount(prefix, CheckedAdapter())
     return session

@@ -37,6 +37,7 @@ import numpy as np
 import requests
 
 from .labeling import TaskError
+from .outbound import ForbiddenTarget
 
 log = logging.getLogger("backend.quality")
 
@@ -405,8 +406,11 @@ def label_studio_lookup(backend) -> Lookup:
                 except TaskError as exc:  # a personal access token's refresh failed
                     raise QualityError("unreachable" if exc.kind == "unreachable" else "auth", str(exc),
                                        retry=exc.kind == "unreachable") from None
-                r = requests.get(f"{conn.url}/api/predictions", params={"task": task_id}, headers=headers,
-                                 timeout=backend.settings.fetch_timeout)
+                try:
+                    r = backend.fetcher.ls_session.get(f"{conn.url}/api/predictions", params={"task": task_id},
+                                                       headers=headers, timeout=backend.settings.fetch_timeout)
+                except ForbiddenTarget as exc:
+                    raise QualityError("forbidden", str(exc)) from None
                 if r.status_code in (401, 403):
                     raise QualityError("auth", f"Label Studio refused the predictions lookup (HTTP {r.status_code})")
                 r.raise_for_status()

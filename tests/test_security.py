@@ -445,3 +445,31 @@ def test_setup_state_is_bounded(model, monkeypatch):
         assert r.status_code == 400 and "access_token" in r.get_json()["error"]
     finally:
         ls.close()
+
+
+def test_label_studio_on_a_link_local_address_is_refused(model, tmp_path):
+    """Label Studio's origin is trusted (it often lives on a private address), so a /setup could
+    name the cloud metadata or credential service (169.254.0.0/16) as a project's Label Studio and
+    the backend sent it GETs (with that /setup's token) for task images and webhook lookups. Such
+    an address is refused at connect time; Label Studio on loopback still works."""
+    _, c = make_client(model, fetch_timeout=2.0)
+    for host in ("http://169.254.169.254", "http://169.254.170.2:80", "http://[fe80::1]:8080"):
+        assert c.post("/setup", json={"project": "9.1", "hostname": host, "access_token": "mine",
+                                      "schema": CONFIG}).status_code == 200
+        t0 = time.time()
+        r = c.post("/predict", json={"tasks": [task(1)], "project": "9.1"}).get_json()["results"][0]
+        assert r["kind"] == "forbidden" and ("169.254" in r["error"] or "fe80" in r["error"]), r
+        assert time.time() - t0 < 1.5  # refused before connecting, not timed out
+    backend = HybridGLBackend(model, Settings(model_dir=tmp_path, label_studio_url="http://169.254.169.254",
+                                              label_studio_api_key=TOKEN))
+    with pytest.raises(quality.QualityError) as e:
+        quality.label_studio_lookup(backend)(1, None)
+    assert e.value.kind == "forbidden"
+    ls = FakeLabelStudio({"a.png": IMAGE_A})
+    try:
+        _, c = make_client(model)
+        c.post("/setup", json={"project": "9.1", "hostname": ls.url, "access_token": TOKEN})
+        r = c.post("/predict", json={"tasks": [task(1)], "label_config": CONFIG, "project": "9.1"})
+        assert "error" not in r.get_json()["results"][0]
+    finally:
+        ls.close()
