@@ -69,8 +69,9 @@ class LabelStudioAuth:
     """The Authorization header for Label Studio: legacy tokens as `Token`, personal access tokens
     (JWT refresh tokens) exchanged at /api/token/refresh for short-lived `Bearer` tokens (cached)."""
 
-    def __init__(self, timeout: float = 10.0):
+    def __init__(self, timeout: float = 10.0, session: requests.Session | None = None):
         self.timeout = timeout
+        self.session = session or requests.Session()  # the fetcher's: Label Studio's address policy
         self._lock = threading.Lock()
         self._access: dict[tuple[str, str], tuple[str, float]] = {}
 
@@ -88,8 +89,10 @@ class LabelStudioAuth:
             if cached and cached[1] > time.time():
                 return {"Authorization": f"Bearer {cached[0]}"}
         try:
-            r = requests.post(f"{host}/api/token/refresh", json={"refresh": token}, timeout=self.timeout,
-                              allow_redirects=False)  # the refresh token goes to Label Studio only
+            r = self.session.post(f"{host}/api/token/refresh", json={"refresh": token}, timeout=self.timeout,
+                                  allow_redirects=False)  # the refresh token goes to Label Studio only
+        except ForbiddenTarget as exc:
+            raise TaskError("forbidden", str(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TaskError("unreachable", f"Label Studio at {host} is unreachable ({exc.__class__.__name__})") from exc
         except requests.RequestException as exc:
@@ -147,12 +150,12 @@ class ImageFetcher:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.auth = LabelStudioAuth(timeout=min(10.0, settings.fetch_timeout))
         self.default = LabelStudioConnection(settings.label_studio_url, settings.label_studio_api_key)
         self.policy = AddressPolicy.from_settings(settings.allowed_hosts, settings.allowed_networks)
         self.checked = guarded_session(self.policy)  # every connection not to Label Studio goes through it
         # Label Studio's origin: any address but the link-local metadata services
         self.ls_session = guarded_session(label_studio_policy(self.policy), trust_env=True)
+        self.auth = LabelStudioAuth(timeout=min(10.0, settings.fetch_timeout), session=self.ls_session)
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _download(self, session, target: Target, headers: dict) -> requests.Response:

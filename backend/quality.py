@@ -404,7 +404,7 @@ def label_studio_lookup(backend) -> Lookup:
                 try:
                     headers = backend.fetcher.auth.header(conn.url, conn.token)
                 except TaskError as exc:  # a personal access token's refresh failed
-                    raise QualityError("unreachable" if exc.kind == "unreachable" else "auth", str(exc),
+                    raise QualityError(exc.kind if exc.kind in ("unreachable", "forbidden") else "auth", str(exc),
                                        retry=exc.kind == "unreachable") from None
                 try:
                     r = backend.fetcher.ls_session.get(f"{conn.url}/api/predictions", params={"task": task_id},

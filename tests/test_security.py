@@ -23,7 +23,7 @@ from backend.outbound import AddressPolicy, ForbiddenTarget, parse_target
 from backend.settings import Settings, SettingsError
 
 from local_http import LocalServer, QuietHandler
-from test_backend import CONFIG, IMAGE_A, TOKEN, FakeLabelStudio, make_client, predict, task
+from test_backend import CONFIG, IMAGE_A, PAT, TOKEN, FakeLabelStudio, make_client, predict, task
 from test_quality import TOKEN as QUALITY_TOKEN, FakePredictions, box, region
 from tiny_models import tiny_hybridgl
 
@@ -453,11 +453,13 @@ def test_label_studio_on_a_link_local_address_is_refused(model, tmp_path):
     the backend sent it GETs (with that /setup's token) for task images and webhook lookups. Such
     an address is refused at connect time; Label Studio on loopback still works."""
     _, c = make_client(model, fetch_timeout=2.0)
-    for host in ("http://169.254.169.254", "http://169.254.170.2:80", "http://[fe80::1]:8080"):
-        assert c.post("/setup", json={"project": "9.1", "hostname": host, "access_token": "mine",
+    for i, (host, token) in enumerate((("http://169.254.169.254", "mine"), ("http://169.254.170.2:80", PAT),
+                                       ("http://[fe80::1]:8080", "mine"))):  # PAT: its refresh is refused too
+        project = f"{90 + i}.1"
+        assert c.post("/setup", json={"project": project, "hostname": host, "access_token": token,
                                       "schema": CONFIG}).status_code == 200
         t0 = time.time()
-        r = c.post("/predict", json={"tasks": [task(1)], "project": "9.1"}).get_json()["results"][0]
+        r = c.post("/predict", json={"tasks": [task(1)], "project": project}).get_json()["results"][0]
         assert r["kind"] == "forbidden" and ("169.254" in r["error"] or "fe80" in r["error"]), r
         assert time.time() - t0 < 1.5  # refused before connecting, not timed out
     backend = HybridGLBackend(model, Settings(model_dir=tmp_path, label_studio_url="http://169.254.169.254",
