@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, urljoin, urlparse
 import numpy as np
 import requests
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from hybridgl.pipeline import to_rgb_array
 
 from .labeling import TaskError
 from .outbound import AddressPolicy, ForbiddenTarget, Target, guarded_session, label_studio_policy, parse_target
@@ -117,21 +119,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 raise TaskError("bad_image", f"image of {im.width}x{im.height} pixels exceeds "
                                              f"HYBRIDGL_MAX_IMAGE_PIXELS={max_pixels}")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                a = np.asarray(im).astype(np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-                grey = (a / top * 255).clip(0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
-            if im.mode == "F":
-                a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-                grey = ((a - a.min()) / max(float(np.ptp(a)), 1e-12) * 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
-            if im.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
-                im = im.convert("RGBA").convert("RGB")  # alpha dropped: the colours as stored
-            elif im.mode != "RGB":
-                im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-            out = np.asarray(im, dtype=np.uint8).copy()
+            out = to_rgb_array(im)  # the library's rule: EXIF, 16-bit and float grey, alpha
     except TaskError:
         raise
     except Image.DecompressionBombError as exc:

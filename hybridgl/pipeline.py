@@ -37,8 +37,8 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A PIL image (EXIF orientation applied, any mode) or an array -> uint8 [H,W,3] RGB."""
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
-        # 16-bit and float grayscale: Pillow's convert would clip at 255 (the same rule as the
-        # backend's decode_image, so a file gives the same pixels there and here)
+        # 16-bit and float grayscale: Pillow's convert would clip at 255 (the backend's decode_image
+        # uses this function, so a file gives the same pixels there and here)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             a = np.asarray(image).astype(np.float64)
             top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -48,9 +48,10 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
             a = np.nan_to_num(np.asarray(image, dtype=np.float64))
             gray = ((a - a.min()) / max(float(np.ptp(a)), 1e-12) * 255).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
-        if image.mode != "RGB":
-            image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" \
-                else image.convert("RGB")
+        if image.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
+            image = image.convert("RGBA").convert("RGB")  # alpha dropped: the colours as stored
+        elif image.mode != "RGB":
+            image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
         return np.asarray(image, dtype=np.uint8).copy()
     array = np.asarray(image)
     if array.dtype != np.uint8:
