@@ -25,7 +25,8 @@ def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | st
     token is kept, so the feature is that of the first tokens.
     """
     limit = int(clip.text_model.config.max_position_embeddings)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # its warning says "indexing
+    # errors", which the truncation below prevents; ours says what happens
     if len(ids) > limit:
         log.warning("expression of %d tokens truncated to CLIP's %d: %.60r...", len(ids), limit, text)
         ids = ids[: limit - 1] + [ids[-1]]
