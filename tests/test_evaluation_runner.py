@@ -440,3 +440,24 @@ def test_cli_evaluate_rescore_and_proposal_cache(tmp_path):
     assert r.returncode == 2 and "testB" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--dataset", "refcoco", "--split", "val", "--out", "bad", cwd=tmp_path)
     assert r.returncode == 2 and "--data-root" in r.stderr
+
+
+def test_rescore_in_place_against_part_of_a_dataset_keeps_the_other_lines(refer_data, tmp_path):
+    """`evaluate --predictions RUN/predictions.jsonl --dataset ... --limit N` (no --out) rewrites the
+    run's own predictions.jsonl: the lines it did not re-score must stay in it, not be deleted."""
+    root, images = refer_data
+    ds = load_refer(root, "refcoco", "val", coco_images=images)
+    recs = []
+    for group in ds.groups:
+        for s in group.samples:
+            gt = group.ground_truth(s.gt_key)
+            recs.append({"sent_id": s.sent_id, "ref_id": s.ref_id, "image_id": s.image_id, "sentence": s.sentence,
+                         "mask": masks.encode(gt), "score": 0.5, "reason": None})
+    run = tmp_path / "run"
+    run.mkdir()
+    runner.write_predictions(recs, run / "predictions.jsonl")
+    m = runner.rescore(run / "predictions.jsonl", dataset=ds.limited(1))
+    assert m["n"] == 1 and m["mIoU"] == pytest.approx(100.0)
+    kept = lines(run / "predictions.jsonl")
+    assert sorted(r["sent_id"] for r in kept) == sorted(minidata.VAL_SENT_IDS)
+    assert next(r for r in kept if r["sent_id"] == minidata.VAL_SENT_IDS[0])["iou"] == 1.0

@@ -496,7 +496,13 @@ def rescore(predictions: str | Path, out_dir: str | Path | None = None, dataset:
     else:
         records = [rescore_record(r) for r in by_key.values()]
     info["rescored_from"] = str(predictions)
+    in_place = (out_dir / PREDICTIONS).resolve() == predictions.resolve()
     if out_dir.resolve() != predictions.parent.resolve() and src_info.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_INFO).write_text(src_info.read_text(encoding="utf-8"), encoding="utf-8")
-    return write_outputs(records, out_dir, info, good_iou=good_iou, targets=targets, plots=plots, write_lines=True)
+    metrics = write_outputs(records, out_dir, info, good_iou=good_iou, targets=targets, plots=plots,
+                            write_lines=not in_place)
+    if in_place:  # the input itself: lines not re-scored (outside the dataset or --limit) stay in it
+        rescored = {str(r["sent_id"]) for r in records}
+        write_predictions(records + [r for k, r in by_key.items() if k not in rescored], predictions)
+    return metrics
