@@ -366,3 +366,22 @@ def test_tune_writes_a_calibration_that_lowers_the_held_out_calibration_error(mo
     assert list(written.calibration_features) == cal["fit"]["calibration_features"]
     assert written.calibration_coef == pytest.approx(cal["fit"]["calibration_coef"])
     assert written.alpha == model.config.alpha  # no parameter change was recommended
+
+
+def test_overrides_of_a_base_config_holding_none_are_written_and_reload(tmp_path):
+    """A base config with a None value (`--set max_image_side=null`: never downscale) cannot be
+    written as TOML, which has no null; the overrides file must still be written, and load back."""
+    from hybridgl.tuning import report
+
+    base = HybridGLConfig(max_image_side=None, gem_temperature=0.5)
+    path = report.write_overrides(tmp_path, base, {"alpha": 0.3, "calibration_features": ("score",),
+                                                   "calibration_coef": (0.1, 2.0)}, {"verdict": "recommended"})
+    loaded = HybridGLConfig.from_file(path)
+    assert loaded == base.replace(alpha=0.3, calibration_features=("score",), calibration_coef=(0.1, 2.0))
+    result = report.write({"verdict": "x", "n_expressions": 0, "n_images": 0, "overrides_file": str(path)},
+                          tmp_path, [], None, plots=False)
+    assert (tmp_path / result["files"]["overrides"]) == path
+    # the usual case stays TOML
+    (tmp_path / "plain").mkdir()
+    plain = report.write_overrides(tmp_path / "plain", HybridGLConfig(), {"alpha": 0.3}, {"verdict": "x"})
+    assert plain.name == "overrides.toml" and HybridGLConfig.from_file(plain).alpha == 0.3

@@ -18,6 +18,7 @@ from ..evaluation import calibration as plots_lib
 from . import space
 
 OVERRIDES = "overrides.toml"
+OVERRIDES_JSON = "overrides.json"  # when a value is None, which TOML cannot write
 REPORT_MD, REPORT_JSON, HELD_OUT_CSV = "report.md", "report.json", "held_out.csv"
 GAIN_PNG, HISTOGRAM_PNG = "gain_per_parameter.png", "iou_histogram.png"
 RELIABILITY_BEFORE_PNG, RELIABILITY_AFTER_PNG = "reliability_raw.png", "reliability_calibrated.png"
@@ -62,9 +63,15 @@ def write_overrides(out: Path, base: HybridGLConfig, changes: dict, result: dict
              f"# {result['verdict']}"]
     if result.get("calibrated"):
         lines.append(f"# {result['calibration']['verdict']}")
-    lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    path = out / OVERRIDES
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if any(v is None for v in values.values()):  # TOML has no null (max_image_side = None ...): JSON has
+        path = out / OVERRIDES_JSON
+        path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    else:
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        path = out / OVERRIDES
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for stale in {out / OVERRIDES, out / OVERRIDES_JSON} - {path}:  # an earlier tune's other file
+        stale.unlink(missing_ok=True)
     HybridGLConfig.from_file(path)  # what we wrote must load
     return path
 
@@ -169,7 +176,7 @@ def write(result: dict, out: Path, items, held_rows: list[dict] | None, plots: b
             files.update(gain_plot=GAIN_PNG, iou_histogram=HISTOGRAM_PNG,
                          reliability_raw=RELIABILITY_BEFORE_PNG, reliability_calibrated=RELIABILITY_AFTER_PNG)
     if result.get("overrides_file"):
-        files["overrides"] = OVERRIDES
+        files["overrides"] = Path(result["overrides_file"]).name
     result["files"] = files
     (out / REPORT_JSON).write_text(json.dumps(result, indent=2, default=_jsonable), encoding="utf-8")
     (out / REPORT_MD).write_text(_markdown(result), encoding="utf-8")
