@@ -49,6 +49,8 @@ def build_config(args: argparse.Namespace):
         return HybridGLConfig.from_dict(values)
     except FileNotFoundError as exc:
         raise UsageError(f"config file not found: {exc.filename}") from exc
+    except OSError as exc:  # a folder, no permission
+        raise UsageError(f"config file not readable: {exc.filename} ({exc.strerror})") from exc
     except (ValueError, TypeError) as exc:
         raise UsageError(f"bad config: {exc}") from exc
 
@@ -82,6 +84,8 @@ def read_proposals(path: str | None) -> np.ndarray | None:
     if not Path(path).is_file():
         raise UsageError(f"proposals file not found: {path}")
     data = np.load(path)
+    if hasattr(data, "files") and "masks" not in data.files:
+        raise UsageError(f"{path} has no 'masks' array (it holds {', '.join(data.files) or 'nothing'})")
     return np.asarray(data["masks"] if hasattr(data, "files") else data).astype(bool)
 
 

@@ -87,3 +87,22 @@ def test_bad_config_value_is_a_usage_error(tmp_path):
     result = run_cli("segment", str(IMAGE), "the cup", "--out", "m.png", "--clip", str(TINY_CLIP_DIR),
                      "--sam", "none", "--set", "fusion_mode=\"nope\"", cwd=tmp_path)
     assert result.returncode == 2 and "bad config" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda d: np.savez(d / "p.npz", other=np.zeros((1, 4, 4), bool)), ["--proposals", "p.npz"],
+     "has no 'masks' array"),
+    (lambda d: (d / "cfg").mkdir(), ["--config", "cfg"], "config file"),
+])
+def test_bad_proposals_or_config_file_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, setup, extra, message):
+    """In-process: these used to end in a KeyError / IsADirectoryError traceback."""
+    from hybridgl.cli import main
+
+    setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = main(["segment", str(IMAGE), "the cup", "--out", "m.png", "--clip", str(TINY_CLIP_DIR), "--sam", "none",
+               "--parser", "rules", "--device", "cpu", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and message in err[-1], err
+    assert not (tmp_path / "m.png").exists()
