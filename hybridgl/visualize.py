@@ -25,7 +25,10 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, expression: str, score: 
         cv2.drawContours(canvas, contours, -1, CHOSEN, thickness + 1)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=max(12, min(image.shape[:2]) // 25))
+    try:
+        font = ImageFont.load_default(size=max(12, min(image.shape[:2]) // 25))
+    except TypeError:  # Pillow < 10.1 (requirements allow 10.0): the fixed-size bitmap font
+        font = ImageFont.load_default()
     label = f'"{expression}"  score {score:.2f}' if mask is not None else f'"{expression}"  no mask'
     box = draw.textbbox((0, 0), label, font=font)
     pad = 4

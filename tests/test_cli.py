@@ -106,3 +106,24 @@ def test_bad_proposals_or_config_file_is_one_line_and_exit_2(tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and message in err[-1], err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_overlay_works_with_pillow_10_0_whose_default_font_takes_no_size(monkeypatch):
+    """requirements.txt allows pillow>=10, but `ImageFont.load_default(size=...)` exists only from 10.1."""
+    from PIL import ImageFont
+
+    from hybridgl import visualize
+
+    real = ImageFont.load_default
+
+    def pillow_10_0_load_default(**kwargs):
+        if kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return real()
+
+    monkeypatch.setattr(visualize.ImageFont, "load_default", pillow_10_0_load_default)
+    image = np.full((40, 60, 3), 100, np.uint8)
+    mask = np.zeros((40, 60), bool)
+    mask[5:20, 5:30] = True
+    picture = visualize.overlay(image, mask, "the cup", 0.8, [~mask])
+    assert picture.size == (60, 40) and not np.array_equal(np.asarray(picture), image)
