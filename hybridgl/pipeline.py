@@ -289,6 +289,17 @@ class HybridGL:
             raise ValueError("empty expression")
         return self.parser(expression)
 
+    def working_image(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """The RGB image the model works on: downscaled (area averaging, aspect kept) to
+        `config.max_image_side` on its longest side where it is larger, else as given."""
+        rgb = to_rgb_array(image)
+        limit = self.config.max_image_side
+        if limit is None or max(rgb.shape[:2]) <= limit:
+            return rgb
+        scale = limit / max(rgb.shape[:2])
+        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
     @torch.no_grad()
     def prepare(self, image: Image.Image | np.ndarray,
                 proposals: np.ndarray | torch.Tensor | Proposals | None = None) -> PreparedView:
@@ -300,28 +311,26 @@ class HybridGL:
         no more than this anyway (SAM's encoder takes 1024 pixels on the longest side, CLIP's crops
         224, GEM 448), so only the resolution at which masks, boxes and the coherence map are
         compared changes, and `min_mask_region_area` then counts pixels of the downscaled image.
-        `segment` gives the mask back at the original size (`PreparedView.full_size`).
+        `segment` gives the mask back at the original size (`PreparedView.full_size`). Given proposals
+        are at the size of the image as given, or already at the downscaled size (`working_image`:
+        what SAM itself would have been given, e.g. cached proposals).
         """
-        rgb = to_rgb_array(image)
-        if proposals is not None:  # checked against the image as given, before any downscaling
+        original = to_rgb_array(image)
+        rgb = self.working_image(original)
+        original_size = None if rgb.shape == original.shape else (int(original.shape[0]), int(original.shape[1]))
+        if proposals is not None:
             given = proposals.masks if isinstance(proposals, Proposals) else proposals
             shape = tuple(given.shape) if hasattr(given, "shape") else np.shape(given)
-            if len(shape) not in (2, 3) or tuple(shape[-2:]) != rgb.shape[:2]:
-                raise ValueError(f"proposals must be bool [N,{rgb.shape[0]},{rgb.shape[1]}], got {shape}")
-        original_size = None
-        limit = self.config.max_image_side
-        if limit is not None and max(rgb.shape[:2]) > limit:
-            original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-            scale = limit / max(original_size)
-            size = (max(1, round(original_size[1] * scale)), max(1, round(original_size[0] * scale)))
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
-            if proposals is not None:
+            if len(shape) not in (2, 3) or tuple(shape[-2:]) not in (original.shape[:2], rgb.shape[:2]):
+                raise ValueError(f"proposals must be bool [N,{original.shape[0]},{original.shape[1]}]"
+                                 + (f" or [N,{rgb.shape[0]},{rgb.shape[1]}]" if original_size else "")
+                                 + f", got {shape}")
+            if original_size is not None and tuple(shape[-2:]) == original_size:  # downscaled like the image
                 quality = proposals.quality if isinstance(proposals, Proposals) else None
-                given = proposals.masks if isinstance(proposals, Proposals) else proposals
                 masks = np.asarray(given.cpu() if isinstance(given, torch.Tensor) else given, dtype=bool)
-                proposals = downscale_masks(masks[None] if masks.ndim == 2 else masks, size[1], size[0])
+                proposals = downscale_masks(masks[None] if masks.ndim == 2 else masks, *rgb.shape[:2])
                 if quality is not None:  # SAM's predicted IoU (a calibration feature) stays the mask's
-                    proposals = dataclasses.replace(Proposals.from_masks(proposals, size[1], size[0]), quality=quality)
+                    proposals = dataclasses.replace(Proposals.from_masks(proposals, *rgb.shape[:2]), quality=quality)
         h, w = rgb.shape[:2]
         if proposals is None:
             if self.proposer is None:

@@ -124,3 +124,29 @@ def test_given_proposals_keep_their_quality_and_thin_masks_when_downscaled():
     np.testing.assert_array_equal(view.masks[2], masks[2, ::3, ::3])
     seg = model.segment(view, "the cup")
     assert seg.mask.shape == (999, 1500)
+
+
+def test_cached_proposals_of_a_large_image_are_those_sam_gives_without_the_cache(tmp_path):
+    """The evaluation's proposal cache ran SAM on the full-size image and prepare then shrank its
+    masks by nearest neighbour, while without the cache SAM runs on the downscaled image: runs with
+    and without the cache were not comparable. SAM now sees the working image either way, and the
+    cache key holds max_image_side."""
+    from hybridgl.evaluation.runner import ProposalCache
+
+    class Group:
+        image_id = "big"
+
+    image = np.asarray(Image.open(IMAGE).convert("RGB"))  # 500x333
+    model = tiny_hybridgl(sam=True, max_image_side=200)
+    plain = model.prepare(image)
+    assert plain.original_size == (333, 500) and plain.size == (133, 200) and len(plain) > 0
+    for round_ in ("miss", "hit"):
+        cache = ProposalCache(tmp_path, model)
+        cached = model.prepare(image, proposals=cache(Group(), image))
+        assert (cache.hits, cache.misses) == ((0, 1) if round_ == "miss" else (1, 0))
+        np.testing.assert_array_equal(cached.masks, plain.masks)
+        np.testing.assert_array_equal(cached.proposals.quality, plain.proposals.quality)
+        seg_a, seg_b = model.segment(plain, "the cup"), model.segment(cached, "the cup")
+        assert seg_a.index == seg_b.index and seg_b.mask.shape == (333, 500)
+    other = ProposalCache(tmp_path, tiny_hybridgl(sam=True, max_image_side=300))
+    assert other.key != cache.key

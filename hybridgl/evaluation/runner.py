@@ -170,7 +170,8 @@ def _counts(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int]:
 # proposals cache (reuse SAM's masks across ablation runs)
 
 SAM_FIELDS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-              "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
+              "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area",
+              "max_image_side")
 
 
 class ProposalCache:
@@ -188,7 +189,9 @@ class ProposalCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
         cfg = model.config.to_dict()
-        blob = json.dumps({"sam": weights_fingerprint(getattr(model, "sam", None)),
+        proposer = getattr(model, "proposer", None)
+        encoder = proposer.sam_dtype(model.device) if proposer is not None and hasattr(proposer, "sam_dtype") else None
+        blob = json.dumps({"sam": weights_fingerprint(getattr(model, "sam", None)), "sam_encoder_dtype": encoder,
                            **{k: cfg.get(k) for k in SAM_FIELDS}}, sort_keys=True)
         import hashlib
 
@@ -203,7 +206,10 @@ class ProposalCache:
         from hybridgl.proposals import Proposals  # noqa: PLC0415
 
         path = self._path(group)
-        h, w = image.shape[:2]
+        # SAM sees the image prepare works on (downscaled past max_image_side): the same masks as
+        # without the cache, at that size (prepare takes them as they are)
+        working = self.model.working_image(image) if hasattr(self.model, "working_image") else image
+        h, w = working.shape[:2]
         if path.is_file():
             try:
                 with np.load(path) as z:
@@ -217,7 +223,7 @@ class ProposalCache:
         proposer = getattr(self.model, "proposer", None)
         if proposer is None:
             raise ValueError(f"no cached proposals for image {group.image_id} and the model has no SAM")
-        props = proposer(image)
+        props = proposer(working)
         self.misses += 1
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, key=np.array(self.key), shape=np.array(props.masks.shape, dtype=np.int64),
