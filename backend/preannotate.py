@@ -315,7 +315,7 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
                                        None, "failed", reason)
                 bar.write(f"task {task['id']}: failed: {reason}")
             processed += 1
-            if len(pending_rows) >= batch:
+            if len(dict.fromkeys(t for t, _ in pending)) >= batch:  # failed tasks' score-0 predictions too
                 flush()
             bar.update(1)
             bar.set_postfix(done=summary.done + len(pending_rows), failed=len(summary.failed), refresh=False)

@@ -1,0 +1,129 @@
+"""`backend.preannotate.run` in process: a fake Label Studio SDK client and a fake backend (fast)."""
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from backend import preannotate
+from backend.labeling import TaskError
+from backend.model import Counters, TaskOutcome
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Text name="expr" value="$text"/>
+  <BrushLabels name="mask" toName="image"><Label value="Target"/></BrushLabels>
+</View>"""
+VERSION = "hybridgl-test"
+
+
+class FakeLS:
+    """What preannotate uses of label_studio_sdk.LabelStudio, over an in-memory project."""
+
+    def __init__(self, tasks: list[dict]):
+        self.tasks_by_id = {t["id"]: dict(t, predictions=[]) for t in tasks}
+        self.imports: list[list[dict]] = []  # bodies of the bulk imports that were stored
+        self.creates: list[dict] = []
+        self.down = False
+        self.on_import = None  # called with the body before storing (may raise)
+        self.on_create = None
+        ls = self
+        self.projects = SimpleNamespace(get=self._get, update=lambda id, **f: None,
+                                        import_predictions=self._import)
+        self.tasks = SimpleNamespace(list=self._list)
+        self.predictions = SimpleNamespace(create=self._create,
+                                           list=lambda task: [dict(p) for p in ls.tasks_by_id[task]["predictions"]])
+
+    def _check(self):
+        if self.down:
+            raise httpx.ConnectError("down")
+
+    def _get(self, id):
+        self._check()
+        return {"id": id, "label_config": CONFIG}
+
+    def _list(self, project, page, page_size, fields):
+        self._check()
+        ids = sorted(self.tasks_by_id)
+        chunk = ids[(page - 1) * page_size: page * page_size]
+        return SimpleNamespace(items=[dict(self.tasks_by_id[i]) for i in chunk],
+                               response=SimpleNamespace(total=len(ids)))
+
+    def _store(self, p: dict):
+        self.tasks_by_id[p["task"]]["predictions"].append(
+            {"model_version": p["model_version"], "score": p["score"], "result": p["result"]})
+
+    def _import(self, project, request):
+        self._check()
+        if self.on_import:
+            self.on_import(request)
+        self.imports.append(request)
+        for p in request:
+            self._store(p)
+
+    def _create(self, task, result, score, model_version):
+        self._check()
+        p = {"task": task, "result": result, "score": score, "model_version": model_version}
+        if self.on_create:
+            self.on_create(p)
+        self.creates.append(p)
+        self._store(p)
+
+    def predictions_of(self, task_id: int) -> list[dict]:
+        return self.tasks_by_id[task_id]["predictions"]
+
+
+class FakeBackend:
+    """predict_task: a prediction scored by the task's data['score'], or the failure data['fail'] names."""
+
+    def __init__(self, alternatives: int = 1):
+        self.model_version = VERSION
+        self.counters = Counters()
+        self.alternatives = alternatives
+        self.predicted: list[int] = []
+        self.on_predict = None
+
+    def connections_for(self, project=None):
+        return []
+
+    def fetch(self, url, task_id, connections=None):
+        return b"image"
+
+    def predict_task(self, task, interface, fetch=None):
+        self.predicted.append(task["id"])
+        if self.on_predict:
+            self.on_predict(task)
+        data = task["data"]
+        if "fail" in data:
+            err = TaskError(data["fail"], "bad")
+            return TaskOutcome(task["id"], [{"result": [], "score": 0.0, "model_version": VERSION}], err)
+        fetch(data["image"], task["id"])
+        score = data.get("score", 0.5)
+        preds = [{"result": [{"rank": r}], "score": score - r / 100,
+                  "model_version": VERSION if r == 0 else f"{VERSION}-rank{r + 1}"} for r in range(self.alternatives)]
+        ranking = [{"score": score, "index": 0}, {"score": score - 0.1, "index": 1}]
+        return TaskOutcome(task["id"], preds, None, data.get("text"), SimpleNamespace(ranking=ranking))
+
+
+def tasks(n: int, **data) -> list[dict]:
+    return [{"id": i, "data": {"image": f"/data/upload/{i}.png", "text": "the cup", **data}}
+            for i in range(1, n + 1)]
+
+
+def run(backend, ls, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("retry_for", 0.0)
+    return preannotate.run(backend, ls, 1, out=io.StringIO(), **kw)
+
+
+def test_failed_tasks_count_toward_the_batch_so_an_interruption_loses_at_most_one_batch():
+    """Failure predictions (score 0) are work too: posted every --batch tasks, not held to the end."""
+    ls, backend = FakeLS(tasks(6, fail="missing_image")), FakeBackend()
+    posted_before = []
+    backend.on_predict = lambda task: posted_before.append(sum(len(b) for b in ls.imports))
+    s = run(backend, ls, batch=2)
+    assert len(s.failed) == 6
+    assert posted_before == [0, 0, 2, 2, 4, 4]  # each pair posted before the next task is predicted
+    assert [len(b) for b in ls.imports] == [2, 2, 2]
