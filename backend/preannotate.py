@@ -304,7 +304,9 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             image = str(data.get(interface.image_field, ""))
             expression = outcome.expression or str(data.get(interface.text_field, "") if interface.text_field else "")
             # best mask last: Label Studio's editor lists the most recent prediction first
-            pending.extend((task["id"], p) for p in outcome.predictions[::-1])
+            # not the alternatives an interrupted run already posted (one by one) before the best mask
+            held = {p.get("model_version") for p in task.get("predictions") or []}
+            pending.extend((task["id"], p) for p in outcome.predictions[::-1] if p["model_version"] not in held)
             if outcome.ok:
                 pending_rows.append(Row(task["id"], image, expression, outcome.predictions[0]["score"],
                                         margin_of(outcome.segmentation), "predicted"))

@@ -127,3 +127,31 @@ def test_failed_tasks_count_toward_the_batch_so_an_interruption_loses_at_most_on
     assert len(s.failed) == 6
     assert posted_before == [0, 0, 2, 2, 4, 4]  # each pair posted before the next task is predicted
     assert [len(b) for b in ls.imports] == [2, 2, 2]
+
+
+def refuse_bulk(request):
+    from label_studio_sdk.core.api_error import ApiError
+
+    raise ApiError(status_code=400, body={"detail": "a task of the batch was deleted"})
+
+
+def versions(ls: FakeLS, task_id: int) -> list[str]:
+    return sorted(p["model_version"] for p in ls.predictions_of(task_id))
+
+
+def test_a_rerun_after_a_task_was_half_posted_adds_only_its_missing_predictions():
+    """Posting one by one (the bulk import refused), a kill between a task's alternative and its best
+    mask left the alternative alone: the rerun must not post that alternative a second time."""
+    ls, backend = FakeLS(tasks(2)), FakeBackend(alternatives=2)
+    ls.on_import = refuse_bulk
+
+    def kill_at_second_create(p):
+        if len(ls.creates) == 1:
+            raise KeyboardInterrupt  # SIGTERM, as main() turns it
+    ls.on_create = kill_at_second_create
+    assert run(backend, ls, batch=2).interrupted
+    assert versions(ls, 1) == [f"{VERSION}-rank2"]  # rank 2 posted first (the best mask goes last)
+    ls.on_import = ls.on_create = None
+    s = run(backend, ls, batch=2)
+    assert s.done == 2 and not s.failed
+    assert versions(ls, 1) == versions(ls, 2) == [VERSION, f"{VERSION}-rank2"]
