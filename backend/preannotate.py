@@ -252,10 +252,16 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
-                reconnect.until_back()
-                # the import may have been stored before its answer was lost: never post it twice
-                stored = {t for t in dict.fromkeys(t for t, _ in pending)
-                          if already_posted(ls, t, backend.model_version)}
+                while True:  # (Label Studio may drop again while its predictions are checked)
+                    reconnect.until_back()
+                    try:
+                        # the import may have been stored before its answer was lost: never post it twice
+                        stored = {t for t in dict.fromkeys(t for t, _ in pending)
+                                  if already_posted(ls, t, backend.model_version)}
+                        break
+                    except Exception as again:
+                        if not is_connection_error(again):
+                            raise
                 summary.predictions += sum(t in stored for t, _ in pending)
                 pending[:] = [(t, p) for t, p in pending if t not in stored]
         for row in pending_rows:

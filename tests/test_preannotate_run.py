@@ -155,3 +155,28 @@ def test_a_rerun_after_a_task_was_half_posted_adds_only_its_missing_predictions(
     s = run(backend, ls, batch=2)
     assert s.done == 2 and not s.failed
     assert versions(ls, 1) == versions(ls, 2) == [VERSION, f"{VERSION}-rank2"]
+
+
+def test_label_studio_dropping_again_while_the_run_checks_what_was_stored_is_waited_for(monkeypatch):
+    """A restart that drops the connection twice (the bulk import, then the check of what it stored)
+    is one more outage to wait for, not a crash that loses the summary and the report."""
+    monkeypatch.setattr(preannotate.Reconnect, "until_back", lambda self: None)  # no sleeping
+    ls, backend = FakeLS(tasks(3)), FakeBackend()
+    drops = {"import": 1, "list": 1}
+    real_list = ls.predictions.list
+
+    def flaky_import(request):
+        if drops["import"]:
+            drops["import"] -= 1
+            raise httpx.ConnectError("restarting")
+    ls.on_import = flaky_import
+
+    def flaky_list(task):
+        if drops["list"]:
+            drops["list"] -= 1
+            raise httpx.ReadError("restarting again")
+        return real_list(task=task)
+    ls.predictions.list = flaky_list
+    s = run(backend, ls, batch=3, retry_for=60.0)
+    assert s.done == 3 and not s.failed and not s.gone
+    assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))
