@@ -143,13 +143,26 @@ def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: S
     body = [{"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
             for t, p in items]
     try:
-        ls.projects.import_predictions(project, request=body)
-        summary.predictions += len(items)
-        return set()
+        created = getattr(ls.projects.import_predictions(project, request=body), "created", None)
+        if not isinstance(created, int) or created >= len(items):
+            summary.predictions += len(items)
+            return set()
     except Exception as exc:  # noqa: BLE001 - retried one by one below
         if is_connection_error(exc):  # Label Studio is away: not the predictions' fault (the caller waits)
             raise
         log.warning("bulk import of %d predictions failed (%s); posting one by one", len(items), exc)
+    else:  # Label Studio answered 201 but left out the predictions its labelling config rejects (edited mid-run?)
+        held: dict[int, set] = {}
+        dropped: set[int] = set()
+        for t, p in items:
+            if t not in held:
+                held[t] = {_as_dict(q).get("model_version") for q in ls.predictions.list(task=t)}
+            if p["model_version"] not in held[t]:
+                dropped.add(t)
+                summary.failed[t] = "post: Label Studio did not store the prediction (does it still match the " \
+                                    "project's labelling config?)"
+        summary.predictions += created
+        return dropped
     failed: set[int] = set()
     for t, p in items:
         try:

@@ -57,11 +57,12 @@ class FakeLS:
 
     def _import(self, project, request):
         self._check()
-        if self.on_import:
-            self.on_import(request)
-        self.imports.append(request)
-        for p in request:
+        kept = self.on_import(request) if self.on_import else None  # may raise, or keep only some
+        kept = request if kept is None else kept
+        self.imports.append(kept)
+        for p in kept:
             self._store(p)
+        return SimpleNamespace(created=len(kept))
 
     def _create(self, task, result, score, model_version):
         self._check()
@@ -180,3 +181,13 @@ def test_label_studio_dropping_again_while_the_run_checks_what_was_stored_is_wai
     s = run(backend, ls, batch=3, retry_for=60.0)
     assert s.done == 3 and not s.failed and not s.gone
     assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))
+
+
+def test_predictions_label_studio_silently_drops_are_reported_failed_not_done():
+    """Label Studio answers 201 to a bulk import but leaves out the predictions that do not match the
+    project's labelling config (say it was edited mid-run): those tasks failed, they are not done."""
+    ls, backend = FakeLS(tasks(4)), FakeBackend()
+    ls.on_import = lambda request: [p for p in request if p["task"] != 3]  # {"created": 3}
+    s = run(backend, ls, batch=4)
+    assert versions(ls, 3) == [] and s.predictions == 3
+    assert s.done == 3 and list(s.failed) == [3] and s.failed[3].startswith("post: ")
