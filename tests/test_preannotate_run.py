@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 from types import SimpleNamespace
 
 import httpx
@@ -191,3 +192,47 @@ def test_predictions_label_studio_silently_drops_are_reported_failed_not_done():
     s = run(backend, ls, batch=4)
     assert versions(ls, 3) == [] and s.predictions == 3
     assert s.done == 3 and list(s.failed) == [3] and s.failed[3].startswith("post: ")
+
+
+def test_sigterm_on_ray_ends_the_run_like_ctrl_c(monkeypatch, capsys):
+    """ray.init installs its own SIGTERM handler (sys.exit(15)) over the one main() set: with --ray,
+    a SIGTERM must still end the run as documented (summary printed, exit status 130)."""
+    import contextlib
+    import os
+    import signal
+    import sys
+
+    import label_studio_sdk
+
+    from backend import ray_preannotate
+    from hybridgl import distributed
+
+    ls = FakeLS(tasks(6))
+
+    @contextlib.contextmanager
+    def cluster(options):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+        yield {"CPU": 2.0}
+
+    class Backend(FakeBackend):
+        def __init__(self, settings, options):
+            super().__init__()
+
+        def predict_stream(self, todo, interface):
+            for task in todo:
+                if task["id"] == 4:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield task, self.predict_task(task, interface, fetch=lambda url, tid: b"")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(label_studio_sdk, "LabelStudio", lambda base_url, api_key: ls)
+    monkeypatch.setattr(distributed, "cluster", cluster)
+    monkeypatch.setattr(ray_preannotate, "RayBackend", Backend)
+    try:
+        rc = preannotate.main(["--url", "http://ls.invalid", "--api-key", "k", "--project", "1", "--batch", "2",
+                               "--no-progress", "--json", "--ray", "127.0.0.1:6379"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert rc == 130
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["interrupted"] and s["done"] == 2 and s["done"] + s["not_reached"] == 6, s
