@@ -430,7 +430,7 @@ def print_summary(summary: Summary, out) -> None:
 
 # -- the review report ------------------------------------------------------------------------------
 def write_report(directory: Path, rows: list[Row], model_version: str, bins: int = 10) -> None:
-    """scores.csv (ascending score; failed tasks last) and score_histogram.png."""
+    """scores.csv (ascending score: failures scored 0 first; tasks without a score last) and score_histogram.png."""
     directory.mkdir(parents=True, exist_ok=True)
     scored = sorted((r for r in rows if r.score is not None), key=lambda r: (r.score, r.task_id))
     unscored = sorted((r for r in rows if r.score is None), key=lambda r: r.task_id)
