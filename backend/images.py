@@ -133,6 +133,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return out
 
 
+TEMPORARY_STATUSES = (429, 502, 503, 504)  # too many requests, a proxy whose host is down or restarting
+
+
 class ImageFetcher:
     """Resolves a task's image reference to bytes, as Label Studio stores it."""
 
@@ -166,6 +169,9 @@ class ImageFetcher:
                                     "check the Label Studio token (LABEL_STUDIO_API_KEY or the one /setup sends)")
         if r.status_code == 404:
             raise TaskError("missing_image", f"image not found (HTTP 404) at {shown}")
+        if r.status_code in TEMPORARY_STATUSES:  # not the task's failure: nothing stored, tried again later
+            raise TaskError("unreachable", f"the image host is temporarily unavailable (HTTP {r.status_code}) "
+                                           f"for {shown}")
         if r.status_code >= 300:  # Label Studio 1.23 answers 500 for a missing upload
             raise TaskError("fetch", f"image download failed: HTTP {r.status_code} for {shown}")
         limit = self.settings.max_image_bytes
@@ -184,8 +190,8 @@ class ImageFetcher:
                 if time.monotonic() > deadline:
                     raise TaskError("fetch", f"the image download from {target.host} took longer than "
                                              f"HYBRIDGL_FETCH_TIMEOUT={timeout:g} s")
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise TaskError("fetch", f"the image download broke off ({exc.__class__.__name__})") from exc
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # a connection lost mid-body
+            raise TaskError("unreachable", f"the image download broke off ({exc.__class__.__name__})") from exc
         return out.getvalue()
 
     def _get(self, url: str, ls: LabelStudioConnection | None) -> bytes:

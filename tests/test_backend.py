@@ -510,6 +510,29 @@ def test_tokens_never_reach_the_logs(model, ls, caplog):
     assert TOKEN not in repr(Settings(label_studio_api_key=TOKEN).describe())
 
 
+def test_an_image_host_that_is_temporarily_unavailable_is_retried_not_recorded(model):
+    """An image host answering 429, 502, 503 or 504 (busy, or down behind its proxy) was a "fetch"
+    failure of the task: its empty score-0 prediction was stored, so no retrieval or rerun ever
+    tried the task again. Those are now `unreachable` (nothing stored: retried later); a 500 or
+    410 stays the task's failure (Label Studio answers 500 for a missing upload)."""
+    class Flaky(QuietHandler):
+        def do_GET(self):
+            self.send_response(int(self.path.strip("/").split(".")[0]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with LocalServer(Flaky) as server:
+        _, c = make_client(model, allowed_hosts=("127.0.0.1",))
+        codes = (429, 502, 503, 504, 500, 410)
+        results = predict(c, [{"id": i, "data": {"image": f"{server.url}/{code}.png", "text": "the cup"}}
+                              for i, code in enumerate(codes)])
+    for code, r in zip(codes, results):
+        if code in (500, 410):
+            assert r["score"] == 0.0 and r["result"] == [] and "fetch" in r["reason"], (code, r)
+        else:
+            assert r["kind"] == "unreachable" and "result" not in r and f"HTTP {code}" in r["error"], (code, r)
+
+
 def test_redirects_from_allowed_hosts_must_stay_on_allowed_hosts(model):
     class Redirector(QuietHandler):
         def do_GET(self):
