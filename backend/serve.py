@@ -105,20 +105,25 @@ class ModelReplica:
         self.replica = serve.get_replica_context().replica_tag
         self.applied, self.setup_lock = 0, threading.Lock()  # the last /setup of the ingress's log replayed here
 
-    def _serve(self, setups: list[tuple[int, WsgiRequest]], environ: dict) -> tuple[int, list, bytes]:
+    def _serve(self, latest: int, log: list, environ: dict) -> tuple[int, list, bytes]:
         with self.setup_lock:  # the /setup calls other replicas answered, in order, before this request
-            for seq, setup in setups:
-                if seq > self.applied:
-                    _call_wsgi(self.app, setup.environ())  # a refusal (409) here was answered there already
-                    self.applied = seq
+            if latest > self.applied:  # the log is read from the object store only when behind
+                import ray
+
+                for seq, setup in ray.get(log[0]):
+                    if seq > self.applied:
+                        _call_wsgi(self.app, setup.environ())  # a refusal (409) here was answered there already
+                        self.applied = seq
         return _call_wsgi(self.app, environ)
 
-    async def call(self, request: WsgiRequest,
-                   setups: list[tuple[int, WsgiRequest]] = ()) -> tuple[int, list[tuple[str, str]], bytes, str]:
+    async def call(self, request: WsgiRequest, latest: int = 0,
+                   log: list = ()) -> tuple[int, list[tuple[str, str]], bytes, str]:
+        """Serve `request` after replaying the /setup log up to `latest` (log: [ObjectRef of the
+        ingress's log], in a list so that Ray passes the reference, not the log, with every call)."""
         gone = threading.Event()
         environ = request.environ()
         environ[CLIENT_GONE] = gone.is_set
-        work = asyncio.get_running_loop().run_in_executor(self.pool, self._serve, list(setups), environ)
+        work = asyncio.get_running_loop().run_in_executor(self.pool, self._serve, latest, list(log), environ)
         try:
             status, headers, body = await asyncio.shield(work)
         except asyncio.CancelledError:  # the client left (Serve cancels the call): skip its remaining tasks
@@ -154,10 +159,12 @@ class Ingress:
 
     async def __init__(self, model, settings: Settings):
         self.model, self.settings = model, settings
-        # /setup reaches one replica: the successful ones (the last per project) go along with every
-        # request, and each replica replays those it has not seen before serving it
+        # /setup reaches one replica: the successful ones (the last per project) are kept in the object
+        # store, every request carries a reference and the latest sequence number, and a replica that
+        # is behind replays those it has not seen before serving it
         self.setups: OrderedDict[Any, tuple[int, WsgiRequest]] = OrderedDict()
         self.setup_seq = 0
+        self.setup_log: list = []  # [ObjectRef of list(self.setups.values())], put once per change
         # the same /health body as the gunicorn app; asked once, so it never waits behind a predict
         status, _, body, _ = await model.call.remote(_health_request(settings))
         if status != 200:
@@ -181,7 +188,7 @@ class Ingress:
             return _json(413, RequestEntityTooLarge.description)
         retry = {"Retry-After": str(self.settings.retry_after)}
         try:
-            status, headers, body, replica = await self.model.call.remote(wsgi, list(self.setups.values()))
+            status, headers, body, replica = await self.model.call.remote(wsgi, self.setup_seq, self.setup_log)
         except BackPressureError:
             return _json(503, "busy: every model replica is full and HYBRIDGL_MAX_QUEUE requests wait for one; "
                               "retry later", retry)
@@ -196,12 +203,17 @@ class Ingress:
             project = json.loads(setup.body).get("project")
         except (ValueError, AttributeError):
             project = None
-        key = str(project) if project is not None else None
+        import ray
+
+        from .model import project_key
+
+        key = project_key(project)  # "id.timestamp" in /setup: the id names the project
         self.setup_seq += 1
         self.setups.pop(key, None)
         self.setups[key] = (self.setup_seq, setup)  # the log stays in replay order
         while len(self.setups) > MAX_SETUPS:
             self.setups.popitem(last=False)
+        self.setup_log = [ray.put(list(self.setups.values()))]
 
 
 async def _read_body(request) -> bytes | None:
