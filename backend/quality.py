@@ -351,9 +351,10 @@ class QualityTracker:
             self._count("quality.recorded")
             return out
         except QualityError as exc:
-            self._count(f"quality.{exc.kind}")
-            if keep_if_away and exc.retry:
+            if keep_if_away and exc.retry:  # kept for a later try: counted once it is settled
+                self._count("quality.retried")
                 raise
+            self._count(f"quality.{exc.kind}")
             log.info("webhook %s not scored: %s", payload.get("action"), exc)
         except Exception:  # noqa: BLE001 - a webhook must never take the backend down
             self._count("quality.internal")
