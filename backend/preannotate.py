@@ -203,6 +203,18 @@ def is_reviewed(task: dict) -> bool:
     return any(not a.get("was_cancelled") for a in annotations) or bool(task.get("total_annotations"))
 
 
+# After a bulk import whose answer timed out (the request reached Label Studio, which may still be
+# storing it), what it stored is checked for up to this long before the batch is posted again.
+SETTLE_SECONDS, SETTLE_POLL = 60.0, 5.0
+
+
+def is_answer_timeout(exc: BaseException) -> bool:
+    """The request was sent but its answer did not come in time (not a refused or broken connection)."""
+    import httpx
+
+    return isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout))
+
+
 def already_posted(ls, task_id: int, model_version: str) -> bool:
     """Whether Label Studio holds a prediction of `model_version` for the task (an import whose answer was lost)."""
     return any(_as_dict(p).get("model_version") == model_version for p in ls.predictions.list(task=task_id))
@@ -265,12 +277,18 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
+                # an import whose answer timed out may still be running there: give it time to land
+                settle = time.monotonic() + (SETTLE_SECONDS if is_answer_timeout(exc) else 0.0)
                 while True:  # (Label Studio may drop again while its predictions are checked)
                     reconnect.until_back()
                     try:
                         # the import may have been stored before its answer was lost: never post it twice
-                        stored = {t for t in dict.fromkeys(t for t, _ in pending)
-                                  if already_posted(ls, t, backend.model_version)}
+                        ids = list(dict.fromkeys(t for t, _ in pending))
+                        while True:
+                            stored = {t for t in ids if already_posted(ls, t, backend.model_version)}
+                            if len(stored) == len(ids) or time.monotonic() >= settle:
+                                break
+                            time.sleep(SETTLE_POLL)
                         break
                     except Exception as again:
                         if not is_connection_error(again):

@@ -236,3 +236,34 @@ def test_sigterm_on_ray_ends_the_run_like_ctrl_c(monkeypatch, capsys):
     assert rc == 130
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["interrupted"] and s["done"] == 2 and s["done"] + s["not_reached"] == 6, s
+
+
+def test_an_import_that_timed_out_and_lands_later_is_not_posted_twice(monkeypatch):
+    """A bulk import whose answer timed out may still be running in Label Studio: the check of what it
+    stored ran at once, found nothing yet, and the batch was posted again (duplicates once the first
+    import committed). After a read timeout the check now waits for the import to land (up to
+    SETTLE_SECONDS) before posting again; after a refused connection it does not wait."""
+    monkeypatch.setattr(preannotate.Reconnect, "until_back", lambda self: None)
+    monkeypatch.setattr(preannotate, "SETTLE_POLL", 0.01)
+    ls, backend = FakeLS(tasks(3)), FakeBackend()
+    late: list = []
+    checks = {"n": 0}
+    real_list = ls.predictions.list
+
+    def slow_import(request):
+        if not late:
+            late.append(list(request))
+            raise httpx.ReadTimeout("no answer in time")
+    ls.on_import = slow_import
+
+    def listing(task):
+        checks["n"] += 1
+        if late and checks["n"] == 4:  # Label Studio commits the first import during the check
+            for p in late.pop():
+                ls._store(p)
+        return real_list(task=task)
+    ls.predictions.list = listing
+    s = run(backend, ls, batch=3, retry_for=60.0)
+    assert s.done == 3 and not s.failed
+    assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))  # once each
+    assert len(ls.imports) == 0  # nothing posted again: the late import holds them
