@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,8 +38,8 @@ def _float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={value} must be positive")
+    if not math.isfinite(value) or value <= 0:  # nan and inf pass `<= 0` and fail every request later
+        raise SettingsError(f"{name}={raw!r} must be a positive, finite number")
     return value
 
 
@@ -47,7 +48,9 @@ def _list(name: str) -> tuple[str, ...]:
 
 
 def _default_model_dir() -> Path:
-    return Path(os.environ["MODEL_DIR"]) if os.environ.get("MODEL_DIR") else Path.home() / ".cache" / "hybridgl"
+    # as hybridgl.weights.model_dir() reads it (stripped, ~ expanded): the weights and the backend's files agree
+    env = os.environ.get("MODEL_DIR", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybridgl"
 
 
 @dataclass(frozen=True)

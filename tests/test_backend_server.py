@@ -65,6 +65,24 @@ def test_settings_from_environment(monkeypatch, tmp_path):
         settings_from(monkeypatch, {"HYBRIDGL_CONFIG": str(tmp_path / "nope.json")}).hybridgl_config()
 
 
+def test_settings_refuse_a_timeout_that_is_not_finite(monkeypatch):
+    """nan and inf passed the `<= 0` check; every image fetch then failed (socket.settimeout)."""
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SettingsError, match="HYBRIDGL_FETCH_TIMEOUT"):
+            settings_from(monkeypatch, {"HYBRIDGL_FETCH_TIMEOUT": value})
+    assert settings_from(monkeypatch, {"HYBRIDGL_FETCH_TIMEOUT": "2.5"}).fetch_timeout == 2.5
+
+
+def test_settings_model_dir_is_the_weights_model_dir(monkeypatch, tmp_path):
+    """MODEL_DIR=~/models (no shell expanded it): the backend's files went to a literal './~/models'
+    while hybridgl.weights put the weights in $HOME/models."""
+    from hybridgl import weights
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = settings_from(monkeypatch, {"MODEL_DIR": "~/models "})
+    assert s.model_dir == weights.model_dir() == tmp_path / "models"
+
+
 def test_production_loader_and_model_version(monkeypatch, tiny_env, tmp_path):
     """load_backend builds the models from the environment; the version is stable for the same
     weights and config and changes when either changes; the number of alternatives leaves the best
