@@ -43,7 +43,6 @@ parser ran is logged and stored in the result.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,10 +265,9 @@ def analyze(words: Sequence[Word], parser: str) -> ParsedExpression:
 
 def stanza_resources_dir() -> Path:
     """STANZA_RESOURCES_DIR, else MODEL_DIR/stanza, else ~/.cache/hybridgl/stanza."""
-    if os.environ.get("STANZA_RESOURCES_DIR"):
-        return Path(os.environ["STANZA_RESOURCES_DIR"])
-    base = Path(os.environ["MODEL_DIR"]) if os.environ.get("MODEL_DIR") else Path.home() / ".cache" / "hybridgl"
-    return base / "stanza"
+    from .weights import stanza_dir  # the one reading of these variables (stripped, ~ expanded)
+
+    return stanza_dir()
 
 
 def words_from_stanza(document) -> list[Word]:

@@ -419,9 +419,18 @@ def download_clip(name: str = DEFAULT_CLIP, cache_dir=None) -> Path:
 # -- stanza -----------------------------------------------------------------------------------------
 
 def _stanza_complete(directory: Path) -> bool:
+    """resources.json and a model file in each processor's directory. Only regular files count:
+    stanza downloads each file into a temporary directory beside it, which a killed download leaves
+    behind; any such directory (also in pretrain/ or a charlm's) makes the install incomplete."""
     lang = directory / STANZA_LANG
-    return (directory / "resources.json").is_file() and all(
-        (lang / p).is_dir() and any((lang / p).iterdir()) for p in STANZA_PROCESSORS.split(","))
+
+    def filled(d: Path) -> bool:
+        entries = list(d.iterdir())
+        return any(e.is_file() for e in entries) and not any(e.is_dir() for e in entries)
+
+    return (directory / "resources.json").is_file() and lang.is_dir() \
+        and all((lang / p).is_dir() for p in STANZA_PROCESSORS.split(",")) \
+        and all(filled(d) for d in lang.iterdir() if d.is_dir())
 
 
 def download_stanza(dir: str | Path | None = None) -> Path:  # noqa: A002 - the documented name
@@ -475,7 +484,7 @@ def check(sam: str | None = DEFAULT_SAM, clip: str | None = DEFAULT_CLIP, stanza
         if row["present"] and expected_size is not None and row["bytes"] != expected_size:
             row.update(present=False, note=f"wrong size (expected {expected_size} bytes)")
         elif row["present"] and verify and expected_sha:
-            ok = sha256_of(path) == expected_sha
+            ok = sha256_of(path) == expected_sha.lower()  # as download() compares
             row.update(present=ok, note="sha256 ok" if ok else "sha256 MISMATCH")
         elif not row["present"] and part.is_file():
             row["note"] = f"partial download: {part.stat().st_size} bytes in {part.name}"

@@ -457,3 +457,37 @@ def test_clip_without_its_tokenizer_files_is_not_complete(env, tmp_path, monkeyp
     assert not row["present"]
     (partial / "tokenizer.json").write_text("{}")  # a fast tokenizer file stands in for vocab + merges
     assert weights.resolve_clip("org/cut", offline=True) == str(target)
+
+
+def test_parser_reads_stanza_where_download_puts_it(env, monkeypatch):
+    """MODEL_DIR / STANZA_RESOURCES_DIR with '~' (no shell expanded it): `download --stanza` filled
+    $HOME/..., the parser looked in a literal './~/...' and found nothing."""
+    from hybridgl.parsing import stanza_resources_dir
+
+    monkeypatch.setenv("HOME", str(env))
+    monkeypatch.setenv("MODEL_DIR", "~/models")
+    assert stanza_resources_dir() == weights.stanza_dir() == env / "models" / "stanza"
+    monkeypatch.setenv("STANZA_RESOURCES_DIR", "~/stanza")
+    assert stanza_resources_dir() == weights.stanza_dir() == env / "stanza"
+
+
+def test_verify_accepts_an_upper_case_checksum(env, server, monkeypatch):
+    """HYBRIDGL_SAM_SHA256 in upper case: the download accepted the file, `check --verify` called it a
+    MISMATCH and `download --verify` deleted the good file and fetched it again."""
+    monkeypatch.setenv("HYBRIDGL_SAM_SHA256", PAYLOAD_SHA.upper())
+    weights.resolve_sam_checkpoint(TYPE, progress=False)
+    (row,) = weights.check(TYPE, None, stanza=False, verify=True)
+    assert row["present"] and row["note"] == "sha256 ok"
+
+
+def test_stanza_leftover_of_a_killed_download_is_not_complete(env):
+    """stanza downloads each file into a temporary directory beside it; a killed download leaves
+    that directory (with a partial file) behind, which made the processor's directory look filled."""
+    directory = weights.stanza_dir()
+    fake_stanza_install(directory)
+    assert weights._stanza_complete(directory)
+    depparse = directory / "en" / "depparse"
+    (depparse / "combined.pt").unlink()
+    (depparse / "tmpab12cd").mkdir()
+    (depparse / "tmpab12cd" / "combined.pt").write_bytes(b"x" * 10)
+    assert not weights._stanza_complete(directory)
