@@ -405,7 +405,8 @@ def download_clip(name: str = DEFAULT_CLIP, cache_dir=None) -> Path:
         raise _offline_error(f"CLIP {name!r}", target, f"python -m hybridgl.weights download --clip {name}")
     from huggingface_hub import snapshot_download
 
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None  # read now, not at import
+    # read now, not at import; without a trailing slash, as huggingface_hub reads it (no //api/... URLs)
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     log.info("fetching CLIP %s into %s", name, target)
     snapshot_download(name, local_dir=str(target), allow_patterns=CLIP_FILES, endpoint=endpoint)
     if not any(target.glob("*.safetensors")):

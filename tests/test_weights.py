@@ -491,3 +491,21 @@ def test_stanza_leftover_of_a_killed_download_is_not_complete(env):
     (depparse / "tmpab12cd").mkdir()
     (depparse / "tmpab12cd" / "combined.pt").write_bytes(b"x" * 10)
     assert not weights._stanza_complete(directory)
+
+
+def test_hf_endpoint_with_a_trailing_slash(env, monkeypatch):
+    """HF_ENDPOINT=https://mirror/ (as Hugging Face itself accepts it: it strips the slash) was passed
+    on as is, and every request went to https://mirror//api/models/... (a 404 on many mirrors)."""
+    import huggingface_hub
+
+    endpoints = []
+
+    def fake_snapshot_download(repo_id, local_dir=None, allow_patterns=None, **kwargs):
+        endpoints.append(kwargs["endpoint"])
+        raise OSError("stop here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/ ")
+    with pytest.raises(OSError, match="stop here"):
+        weights.download_clip("org/name")
+    assert endpoints == ["http://127.0.0.1:9"]
