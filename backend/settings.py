@@ -152,4 +152,6 @@ class Settings:
         for secret in ("label_studio_api_key", "basic_auth_pass", "webhook_secret"):
             if out[secret]:
                 out[secret] = "***"
-        return out
+        from hybridgl.weights import shown  # URLs without user info or query (a presigned signature)
+
+        return {k: shown(v) if isinstance(v, str) and "://" in v else v for k, v in out.items()}

@@ -80,6 +80,16 @@ def _root(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else model_dir()
 
 
+def shown(url: str) -> str:
+    """A URL for messages and logs: without user info, query string (a presigned URL's signature) or fragment."""
+    parts = urlparse(str(url))
+    if not parts.scheme or not parts.netloc:
+        return str(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
 def is_offline() -> bool:
     """True when env HF_HUB_OFFLINE or HYBRIDGL_OFFLINE is truthy (1, true, yes, on)."""
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HYBRIDGL_OFFLINE"))
@@ -180,7 +190,7 @@ def download(url: str, target: str | Path, *, sha256: str | None = None, size: i
                 progressed = part.exists() and part.stat().st_size > before
                 attempt = 1 if progressed else attempt + 1  # `retries` failures in a row without progress
                 if attempt > retries:
-                    raise ConnectionError(f"downloading {url} failed after {retries} retries: {exc}; run the "
+                    raise ConnectionError(f"downloading {shown(url)} failed after {retries} retries: {exc}; run the "
                                           f"same command again to resume from {part}") from exc
                 delay = min(30.0, 2.0 ** (attempt - 1))
                 log.warning("download of %s interrupted (%s); resuming in %.0f s (retry %d/%d)",
@@ -189,15 +199,15 @@ def download(url: str, target: str | Path, *, sha256: str | None = None, size: i
         got = part.stat().st_size
         if size is not None and got != size:
             part.unlink()
-            raise ChecksumError(f"{url}: got {got} bytes, expected {size}; the file was removed")
+            raise ChecksumError(f"{shown(url)}: got {got} bytes, expected {size}; the file was removed")
         if sha256:
             actual = sha256_of(part)
             if actual.lower() != sha256.lower():
                 part.unlink()
-                raise ChecksumError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}; "
+                raise ChecksumError(f"checksum mismatch for {shown(url)}: expected sha256 {sha256}, got {actual}; "
                                     f"the file was removed (a wrong mirror, or set HYBRIDGL_SAM_SHA256)")
         os.replace(part, target)
-    log.info("downloaded %s -> %s (%d bytes)", url, target, target.stat().st_size)
+    log.info("downloaded %s -> %s (%d bytes)", shown(url), target, target.stat().st_size)
     return target
 
 
@@ -223,9 +233,9 @@ def _fetch_into(url: str, part: Path, *, size: int | None, progress: bool, timeo
             part.unlink()
             raise _Retryable(f"the server refused to resume at byte {done} (file of {total} bytes); starting over")
         if r.status_code >= 500:
-            raise _Retryable(f"HTTP {r.status_code} from {url}")
+            raise _Retryable(f"HTTP {r.status_code} from {shown(url)}")
         if r.status_code >= 400:
-            raise OSError(f"cannot download {url}: HTTP {r.status_code} {r.reason}")
+            raise OSError(f"cannot download {shown(url)}: HTTP {r.status_code} {r.reason}")
         if done and r.status_code == 206:
             start = (r.headers.get("Content-Range") or "").replace("bytes", "").strip().split("-")[0]
             if start != str(done):
@@ -238,7 +248,7 @@ def _fetch_into(url: str, part: Path, *, size: int | None, progress: bool, timeo
         total = done + int(length) if length and length.isdigit() else None
         if size is not None and total is not None and total != size:  # a wrong file: don't fetch it
             part.unlink(missing_ok=True)
-            raise ChecksumError(f"{url} has {total} bytes, expected {size}: not the expected file; nothing kept")
+            raise ChecksumError(f"{shown(url)} has {total} bytes, expected {size}: not the expected file; nothing kept")
         total = total or size
         with open(part, "ab" if done else "wb") as f, \
                 tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
@@ -273,10 +283,10 @@ def _sam_source(model_type: str, checkpoint: str | Path | None, cache_dir, sha25
         url = str(checkpoint)
         filename = Path(urlparse(url).path).name
         if not filename:
-            raise ValueError(f"cannot name a file after the URL {url!r}")
+            raise ValueError(f"cannot name a file after the URL {shown(url)!r}")
         known = _official_by_filename(filename) or SamCheckpoint(filename, url, None, None)
         if known.sha256 is None and not override:
-            log.warning("no SHA-256 known for %s: it is downloaded unchecked", url)
+            log.warning("no SHA-256 known for %s: it is downloaded unchecked", shown(url))
     if override:  # another file than the official one: its size is unknown too
         return url, sam_dir(cache_dir) / known.filename, override, None
     return url, sam_dir(cache_dir) / known.filename, known.sha256, known.size
@@ -314,7 +324,7 @@ def resolve_sam_checkpoint(model_type: str, checkpoint: str | Path | None = None
     if offline:
         command = f"python -m hybridgl.weights download --sam {model_type}" + (f" --sam-url {text}" if text else "")
         raise _offline_error(f"SAM checkpoint {target.name}", target, command)
-    log.info("fetching SAM %s from %s", model_type, url)
+    log.info("fetching SAM %s from %s", model_type, shown(url))
     return download(url, target, sha256=expected_sha, size=expected_size, progress=progress)
 
 

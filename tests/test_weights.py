@@ -509,3 +509,19 @@ def test_hf_endpoint_with_a_trailing_slash(env, monkeypatch):
     with pytest.raises(OSError, match="stop here"):
         weights.download_clip("org/name")
     assert endpoints == ["http://127.0.0.1:9"]
+
+
+def test_a_presigned_checkpoint_url_keeps_its_signature_out_of_logs_and_errors(server, caplog):
+    """HYBRIDGL_SAM_CHECKPOINT may be a presigned URL: its query string (the signature) appeared in
+    the download's log lines and error messages, and in the backend's logged settings."""
+    from backend.settings import Settings
+
+    url = f"{server.url}/{NAME}?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA"
+    caplog.set_level("INFO", logger="hybridgl")
+    with pytest.raises(OSError) as e:  # the test server knows no such query: 404
+        weights.resolve_sam_checkpoint(TYPE, url)
+    assert f"{server.url}/{NAME}" in str(e.value)
+    assert "s3cr3t" not in str(e.value) and "s3cr3t" not in caplog.text and "AKIA" not in caplog.text
+    described = Settings(sam_checkpoint=url).describe()
+    assert described["sam_checkpoint"] == f"{server.url}/{NAME}"
+    assert weights.shown("https://user:pw@host:8443/a/b.pth?sig=1#x") == "https://host:8443/a/b.pth"
