@@ -128,6 +128,11 @@ def test_polygon_rasterisation_conventions():
     p = masks.polygons_to_mask_pil([minidata.rect_points(2, 2, 12, 10)], 16, 20)
     assert p.sum() == 11 * 9  # Pillow includes the outline, as PhraseCut's toolkit
     assert masks.coco_segmentation_to_mask([], 4, 4).sum() == 0
+    # a degenerate polygon (2 points) heading the list made pycocotools read the list as boxes: TypeError
+    # for the annotation (outside the runner's per-image try, so a run and every resume stopped there)
+    degenerate = masks.coco_segmentation_to_mask([[1.0, 1.0, 5.0, 5.0], minidata.rect_poly(2, 2, 12, 10)], 16, 20)
+    assert np.array_equal(degenerate, minidata.coco_rect_mask(16, 20, (2, 2, 12, 10)))
+    assert masks.coco_segmentation_to_mask([[1.0, 1.0, 5.0, 5.0]], 16, 20).sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ def coco_segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.
     bool [H,W], the union of its parts, decoded with pycocotools as the refer API does."""
     api = _mask_api()
     if isinstance(segmentation, list):
+        # fewer than 3 points enclose nothing; pycocotools would read a 4-number polygon heading the
+        # list as boxes and fail (TypeError) on the whole annotation
+        segmentation = [p for p in segmentation if not isinstance(p, (list, tuple)) or len(p) >= 6]
         if not segmentation:
             return np.zeros((height, width), dtype=bool)
         decoded = _api_decode(api.frPyObjects(segmentation, height, width))  # [H,W,K], as refer's getMask
