@@ -284,7 +284,11 @@ def _sam_source(model_type: str, checkpoint: str | Path | None, cache_dir, sha25
         filename = Path(urlparse(url).path).name
         if not filename:
             raise ValueError(f"cannot name a file after the URL {shown(url)!r}")
-        known = _official_by_filename(filename) or SamCheckpoint(filename, url, None, None)
+        # a file of one's own: named after its URL too (without the query: a presigned signature
+        # changes), so that another URL with the same file name is not mistaken for it
+        tag = hashlib.sha256(shown(url).encode()).hexdigest()[:8]
+        known = _official_by_filename(filename) or SamCheckpoint(
+            f"{Path(filename).stem}-{tag}{Path(filename).suffix}", url, None, None)
         if known.sha256 is None and not override:
             log.warning("no SHA-256 known for %s: it is downloaded unchecked", shown(url))
     if override:  # another file than the official one: its size is unknown too

@@ -525,3 +525,22 @@ def test_a_presigned_checkpoint_url_keeps_its_signature_out_of_logs_and_errors(s
     described = Settings(sam_checkpoint=url).describe()
     assert described["sam_checkpoint"] == f"{server.url}/{NAME}"
     assert weights.shown("https://user:pw@host:8443/a/b.pth?sig=1#x") == "https://host:8443/a/b.pth"
+
+
+def test_two_checkpoint_urls_with_the_same_file_name_are_cached_apart(env, monkeypatch):
+    """A checkpoint of one's own was cached under its URL's file name alone: after switching from
+    .../v1/model.pth to .../v2/model.pth the first file was found and loaded, silently. A URL whose
+    file name is not an official one is now cached under that name plus a hash of the URL (its
+    query string, a presigned signature that changes, left out)."""
+    class Files(QuietHandler):
+        def do_GET(self):
+            self.send_body(self.path.split("?")[0].encode() * 1000)
+
+    monkeypatch.delenv("HYBRIDGL_SAM_SHA256")  # files of one's own: no checksum known
+    with LocalServer(Files) as srv:
+        first = weights.resolve_sam_checkpoint(TYPE, f"{srv.url}/v1/model.pth?sig=a", progress=False)
+        again = weights.resolve_sam_checkpoint(TYPE, f"{srv.url}/v1/model.pth?sig=b", progress=False)
+        second = weights.resolve_sam_checkpoint(TYPE, f"{srv.url}/v2/model.pth", progress=False)
+    assert first == again != second and first.parent == second.parent == sam_path(env).parent
+    assert first.name.startswith("model-") and first.suffix == ".pth"
+    assert first.read_bytes() == b"/v1/model.pth" * 1000 and second.read_bytes() == b"/v2/model.pth" * 1000
