@@ -5,7 +5,8 @@
 # 1. Weights: `python -m hybridgl.weights download` fetches whatever MODEL_DIR lacks (SAM checkpoint,
 #    CLIP snapshot, stanza's English models) and does nothing when everything is there. Offline
 #    (HF_HUB_OFFLINE=1 / HYBRIDGL_OFFLINE=1) it only checks and stops here with a message naming
-#    what is missing. HYBRIDGL_SKIP_DOWNLOAD=1 skips the step (weights given as local paths).
+#    what is missing (stanza's models only with HYBRIDGL_PARSER=stanza: `auto` falls back to the
+#    rules parser without them). HYBRIDGL_SKIP_DOWNLOAD=1 skips the step (weights given as local paths).
 # 2. gunicorn with ONE worker (the models are loaded once, inside that worker) and threads (Label
 #    Studio's /health and /setup calls are answered while a prediction runs; predictions themselves
 #    take the model one at a time). Never --preload: the app would load the models in the master
@@ -26,9 +27,14 @@ if [ "${HYBRIDGL_SKIP_DOWNLOAD:-0}" != "1" ]; then
     *) sam_args=(--sam none) ;;  # a local checkpoint, a builder ("pkg.mod:fn"), none: nothing to fetch here
   esac
   stanza_args=()
-  case "${HYBRIDGL_PARSER:-auto}" in stanza|auto) stanza_args=(--stanza) ;; esac
+  case "${HYBRIDGL_PARSER:-auto}" in stanza) stanza_args=(--stanza) ;; esac
   "$PYTHON" -m hybridgl.weights download "${sam_args[@]}" \
     --clip "${HYBRIDGL_CLIP_MODEL:-openai/clip-vit-base-patch16}" "${stanza_args[@]}"
+  # auto parses with the rules parser when stanza's models are not there: fetching them may fail
+  if [ "${HYBRIDGL_PARSER:-auto}" = auto ]; then
+    "$PYTHON" -m hybridgl.weights download --sam none --clip none --stanza \
+      || echo "start.sh: stanza's models could not be fetched; HYBRIDGL_PARSER=auto parses with the rules parser" >&2
+  fi
 fi
 
 # the access log shows paths without their query strings (presigned signatures, a webhook secret) and

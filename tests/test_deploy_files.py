@@ -239,6 +239,7 @@ def test_start_script_runs_gunicorn_once_without_preload():
 
 STUB = """#!/bin/sh
 echo "$*" >> "$CALLS"
+case "$*" in *hybridgl.weights*--stanza*) exit "${STANZA_RC:-${WEIGHTS_RC:-0}}";; esac
 case "$*" in *hybridgl.weights*) exit "${WEIGHTS_RC:-0}";; esac
 exit 0
 """
@@ -257,21 +258,28 @@ def run_start(tmp_path, **env) -> tuple[int, list[str]]:
 
 
 def test_start_script_fetches_what_the_settings_need(tmp_path):
-    rc, (weights, server) = run_start(tmp_path)
+    rc, (weights, stanza, server) = run_start(tmp_path)  # HYBRIDGL_PARSER=auto
     assert rc == 0
-    assert weights == "-m hybridgl.weights download --sam vit_h --clip openai/clip-vit-base-patch16 --stanza"
+    assert weights == "-m hybridgl.weights download --sam vit_h --clip openai/clip-vit-base-patch16"
+    assert stanza == "-m hybridgl.weights download --sam none --clip none --stanza"
+    # auto without stanza's models (offline, or its server down) starts with the rules parser
+    rc, (_, _, server) = run_start(tmp_path, STANZA_RC="1")
+    assert rc == 0 and "gunicorn" in server
+    rc, calls = run_start(tmp_path, HYBRIDGL_PARSER="stanza", STANZA_RC="1")  # stanza asked for: no start
+    assert rc == 1 and calls == ["-m hybridgl.weights download --sam vit_h --clip openai/clip-vit-base-patch16 "
+                                 "--stanza"]
     assert server.startswith("-m gunicorn backend._wsgi:app --bind 0.0.0.0:9090 --workers 1 --worker-class gthread "
                              "--threads 8 --timeout 600")
     _, (weights, server) = run_start(tmp_path, HYBRIDGL_PARSER="rules", HYBRIDGL_SAM_MODEL="vit_b",
                                      HYBRIDGL_CLIP_MODEL="/models/clip", PORT="9999", THREADS="2")
     assert weights == "-m hybridgl.weights download --sam vit_b --clip /models/clip"
     assert "--bind 0.0.0.0:9999" in server and "--threads 2" in server
-    _, (weights, _) = run_start(tmp_path, HYBRIDGL_SAM_CHECKPOINT="https://mirror.example/sam_vit_h_4b8939.pth")
+    _, (weights, *_) = run_start(tmp_path, HYBRIDGL_SAM_CHECKPOINT="https://mirror.example/sam_vit_h_4b8939.pth")
     assert weights.startswith("-m hybridgl.weights download --sam vit_h --sam-url https://mirror.example/")
     for env in ({"HYBRIDGL_SAM_CHECKPOINT": "/models/mine.pth"}, {"HYBRIDGL_SAM_MODEL": "pkg.mod:build"},
                 {"HYBRIDGL_SAM_MODEL": "pkg.mod:build", "HYBRIDGL_SAM_CHECKPOINT": "https://x.example/a.pth"},
                 {"HYBRIDGL_SAM_MODEL": "none"}):
-        _, (weights, _) = run_start(tmp_path, **env)
+        _, (weights, *_) = run_start(tmp_path, **env)
         assert weights.startswith("-m hybridgl.weights download --sam none --clip")
     rc, calls = run_start(tmp_path, HYBRIDGL_SKIP_DOWNLOAD="1")
     assert rc == 0 and len(calls) == 1 and "gunicorn" in calls[0]
@@ -418,7 +426,7 @@ def test_start_script_offline_without_weights_stops_with_a_message(tmp_path):
     """The real weights step, offline with an empty MODEL_DIR: a clear message, no server, no network."""
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
            "PYTHONPATH": str(ROOT), "MODEL_DIR": str(tmp_path / "models"), "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "1", "HYBRIDGL_SAM_BASE_URL": "http://127.0.0.1:9"}
+           "HF_HUB_OFFLINE": "1", "HYBRIDGL_SAM_BASE_URL": "http://127.0.0.1:9", "HYBRIDGL_PARSER": "stanza"}
     proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "gunicorn" not in proc.stdout + proc.stderr
     assert "offline mode" in proc.stderr and "sam_vit_h_4b8939.pth" in proc.stderr
