@@ -41,6 +41,14 @@ TASK_FAILURES = frozenset({"missing_image", "bad_image", "fetch", "forbidden", "
                            "bad_expression", "bad_task"})
 
 
+# Label Studio's webhook actions, counted by name in /metrics (any other: webhook.other)
+WEBHOOK_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED",
+    "REVIEWS_DELETED", "START_TRAINING"})
+
+
 def alternative_version(version: str, rank: int) -> str:
     """The model_version of the rank-th mask (rank >= 2). Label Studio's Data Manager score and its
     uncertainty sampling read only the predictions of the project's model_version: the
@@ -219,7 +227,8 @@ class HybridGLBackend:
     def webhook(self, payload: dict) -> dict:
         """Label Studio sends every project event here; counted, otherwise ignored (zero-shot model)."""
         action = payload.get("action") if isinstance(payload.get("action"), str) else None
-        self.counters.add(f"webhook.{action or 'unknown'}")
+        # the sender chooses the action: only Label Studio's own get a count each (bounded /metrics)
+        self.counters.add(f"webhook.{action if action in WEBHOOK_ACTIONS else 'other' if action else 'unknown'}")
         return {"status": "ok", "action": action}
 
     # -- image access -----------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""The HTTP side's bounds and races, in-process on the tiny models: what /metrics may grow by,
+and the prepared-image cache under concurrent requests."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from backend.images import decode_image
+from backend.model import HybridGLBackend
+from backend.settings import Settings
+
+from test_backend import IMAGE_A, make_client
+from tiny_models import tiny_hybridgl
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hybridgl(sam=True)
+
+
+def test_webhook_actions_do_not_grow_the_metrics_without_bound(model):
+    """Anyone who reaches /webhook chooses its `action`: each distinct one was a new /metrics count
+    for the life of the process (memory and the size of every /metrics answer)."""
+    backend, c = make_client(model)
+    for i in range(200):
+        assert c.post("/webhook", json={"action": f"MADE_UP_{i}_" + "X" * 1000}).status_code == 200
+    c.post("/webhook", json={"action": "ANNOTATION_CREATED"})
+    counts = c.get("/metrics").get_json()["counts"]
+    webhook = {k: v for k, v in counts.items() if k.startswith("webhook.")}
+    assert webhook == {"webhook.other": 200, "webhook.ANNOTATION_CREATED": 1}
