@@ -368,14 +368,15 @@ class HybridGLBackend:
             t0 = time.time()
             view = self.model.prepare(image)
             self.counters.time("prepare", time.time() - t0)
+            # cached before the model is released: a request waiting for it for the same image finds it
+            if self.settings.cache_images and view_bytes(view) <= self.settings.cache_mb * 2**20:
+                with self._views_lock:
+                    self._views[key] = view
+                    limit = self.settings.cache_mb * 2**20
+                    total = sum(map(view_bytes, self._views.values()))
+                    while len(self._views) > self.settings.cache_images or (len(self._views) > 1 and total > limit):
+                        total -= view_bytes(self._views.popitem(last=False)[1])
         self.counters.add("cache.misses")
-        if self.settings.cache_images and view_bytes(view) <= self.settings.cache_mb * 2**20:
-            with self._views_lock:
-                self._views[key] = view
-                limit = self.settings.cache_mb * 2**20
-                total = sum(map(view_bytes, self._views.values()))
-                while len(self._views) > self.settings.cache_images or (len(self._views) > 1 and total > limit):
-                    total -= view_bytes(self._views.popitem(last=False)[1])
         return view
 
     def _cached(self, key: str) -> PreparedView | None:

@@ -29,3 +29,26 @@ def test_webhook_actions_do_not_grow_the_metrics_without_bound(model):
     counts = c.get("/metrics").get_json()["counts"]
     webhook = {k: v for k, v in counts.items() if k.startswith("webhook.")}
     assert webhook == {"webhook.other": 200, "webhook.ANNOTATION_CREATED": 1}
+
+
+def test_two_requests_for_a_new_image_prepare_it_once(model):
+    """The second request for an image waits for the model while the first prepares it, then finds
+    it in the cache. The view used to be cached only after the model was released: a request that
+    took the model in between prepared the same image again (SAM twice)."""
+    backend = HybridGLBackend(model, Settings())
+    image = decode_image(IMAGE_A, 10**8)
+    add, second = backend.counters.add, []
+
+    def add_then_let_the_second_in(key, n=1):
+        add(key, n)
+        if key == "cache.misses" and not second:  # the first has prepared the view and left the model
+            second.append(threading.Thread(target=backend.prepared, args=(IMAGE_A, image)))
+            second[0].start()
+            second[0].join(10)
+
+    backend.counters.add = add_then_let_the_second_in
+    first = backend.prepared(IMAGE_A, image)
+    second[0].join(60)
+    counts = backend.counters.snapshot()
+    assert counts["cache.misses"] == 1 and counts["cache.hits"] == 1
+    assert backend.prepared(IMAGE_A, image) is first
