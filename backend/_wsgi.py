@@ -75,7 +75,8 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
     """The Flask app around one HybridGLBackend (loaded from the environment unless given)."""
     configure_logging()
     settings = settings or (backend.settings if backend else Settings.from_env())
-    logsafe.REDACTOR.add(settings.label_studio_api_key, settings.basic_auth_pass, settings.webhook_secret)
+    logsafe.REDACTOR.add(settings.label_studio_api_key, settings.basic_auth_pass, settings.webhook_secret,
+                         pinned=True)
     started = time.time()
     if backend is None:
         log.info("loading models: %s", settings.describe())

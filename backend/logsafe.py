@@ -26,13 +26,17 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self._lock = threading.Lock()
         self._secrets: OrderedDict[str, None] = OrderedDict()
+        self._pinned: set[str] = set()  # the configured secrets: never pushed out by /setup tokens
         self.keep = keep  # /setup tokens are added per request: the most recent ones are kept
-        self.add(*secrets)
+        self.add(*secrets, pinned=True)
 
-    def add(self, *secrets: str | None) -> None:
+    def add(self, *secrets: str | None, pinned: bool = False) -> None:
         with self._lock:
             for secret in secrets:
                 if secret and len(secret) >= 4:  # shorter would redact ordinary words
+                    if pinned:
+                        self._pinned.add(secret)
+                        continue
                     self._secrets[secret] = None
                     self._secrets.move_to_end(secret)
             while len(self._secrets) > self.keep:
@@ -41,7 +45,7 @@ class RedactingFilter(logging.Filter):
     def redact(self, text: str) -> str:
         text = _AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", _QUERY.sub(rf"\1?{REDACTED}", text))
         with self._lock:
-            secrets = sorted(self._secrets, key=len, reverse=True)
+            secrets = sorted(self._pinned.union(self._secrets), key=len, reverse=True)
         for secret in secrets:
             text = text.replace(secret, REDACTED)
         return text

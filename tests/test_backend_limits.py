@@ -2,6 +2,7 @@
 and the prepared-image cache under concurrent requests."""
 from __future__ import annotations
 
+import base64
 import threading
 
 import pytest
@@ -52,3 +53,20 @@ def test_two_requests_for_a_new_image_prepare_it_once(model):
     counts = backend.counters.snapshot()
     assert counts["cache.misses"] == 1 and counts["cache.hits"] == 1
     assert backend.prepared(IMAGE_A, image) is first
+
+
+def test_setup_tokens_cannot_push_the_configured_secrets_out_of_the_log_redactor(model):
+    """The redactor keeps the most recent /setup tokens (256); the environment's secrets shared that
+    LRU, so 256 /setup calls with new tokens made the logs show LABEL_STUDIO_API_KEY again."""
+    from backend import logsafe
+
+    secrets = {"label_studio_api_key": "env-api-key-0123456789", "basic_auth_user": "u",
+               "basic_auth_pass": "env-basic-pass-987", "webhook_secret": "env-webhook-secret-42"}
+    _, c = make_client(model, **secrets)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"u:env-basic-pass-987").decode()}
+    for i in range(logsafe.REDACTOR.keep + 10):
+        assert c.post("/setup", json={"access_token": f"setup-token-{i:06d}"}, headers=auth).status_code == 200
+    last = f"setup-token-{logsafe.REDACTOR.keep + 9:06d}"
+    line = logsafe.REDACTOR.redact(" ".join(secrets.values()) + " " + last)
+    assert "env-" not in line
+    assert last not in line
