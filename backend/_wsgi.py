@@ -25,6 +25,9 @@ from .settings import Settings, SettingsError
 log = logging.getLogger("backend")
 
 MAX_REQUEST_BYTES = 128 * 1024 * 1024
+# /setup (a labelling config) and /webhook (one annotation) need far less, and they pass no admission
+# bound: 8 threads each holding a 128 MB body would be ~1 GB of parsed JSON
+SIDE_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 def load_backend(settings: Settings | None = None) -> HybridGLBackend:
@@ -94,6 +97,11 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
                     threads, settings.max_queue)
 
     app.before_request(functools.partial(authorize, settings))
+
+    @app.before_request
+    def side_request_limit():
+        if request.path in ("/setup", "/webhook"):
+            request.max_content_length = SIDE_REQUEST_BYTES
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

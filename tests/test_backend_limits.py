@@ -70,3 +70,18 @@ def test_setup_tokens_cannot_push_the_configured_secrets_out_of_the_log_redactor
     line = logsafe.REDACTOR.redact(" ".join(secrets.values()) + " " + last)
     assert "env-" not in line
     assert last not in line
+
+
+def test_setup_and_webhook_bodies_are_bounded_below_predict(model):
+    """/setup and /webhook took bodies up to /predict's 128 MB without an admission bound (each server
+    thread could hold one, parsed): they are limited to SIDE_REQUEST_BYTES; /predict keeps its limit."""
+    from backend import _wsgi
+
+    _, c = make_client(model)
+    big = {"action": "ANNOTATION_CREATED", "pad": "x" * (_wsgi.SIDE_REQUEST_BYTES + 1)}
+    for path in ("/setup", "/webhook"):
+        r = c.post(path, json=big)
+        assert r.status_code == 413, (path, r.status_code)
+    assert c.post("/webhook", json={"action": "ANNOTATION_CREATED", "pad": "x" * 1000}).status_code == 200
+    r = c.post("/predict", json={"tasks": [], "label_config": "<View/>", "pad": "x" * (_wsgi.SIDE_REQUEST_BYTES + 1)})
+    assert r.status_code != 413
