@@ -398,7 +398,9 @@ class HybridGL:
         n = len(view)
         text = text_features(self.clip, self.tokenizer, parse, cfg, dev)
         explain: dict[str, np.ndarray] = {
-            "hybrid_features": view.features.cpu().numpy(),
+            # a copy: on CPU .numpy() shares the view's tensor, whose rows the fast mode makes exact
+            # in place for later expressions (an answer already given must not change)
+            "hybrid_features": view.features.cpu().numpy().copy(),
             "text_sentence": text.sentence.cpu().numpy(),
             "text_noun_phrase": text.noun_phrase.cpu().numpy(),
             "text_mixed": text.mixed.cpu().numpy(),

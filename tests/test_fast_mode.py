@@ -279,3 +279,20 @@ def test_a_fast_model_stops_paying_for_low_precision_that_never_decides(tiny_cli
         for key in EXACT:
             np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=f"{name}: {key}")
     assert low == [True, True, False, False]
+
+
+def test_a_segmentation_keeps_the_features_it_was_computed_from(fast_model):
+    """explain["hybrid_features"] is a snapshot: rows that a later expression on the shared view
+    makes exact (in place, under `refining`) must not change an answer already given."""
+    data, image, parse = load_case(CASES[2])
+    masks, image = data["masks"], np.asarray(image.convert("RGB"))
+    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False))
+    low = exact + 1e-3 * exact.norm(dim=-1, keepdim=True)  # low-precision stand-in; no decision disputed
+    view = PreparedView(image, Proposals.from_masks(masks, *masks.shape[1:]), low.clone(), None,
+                        low_precision=LowPrecision(np.ones(len(masks), bool), 0.0, 0.0))
+    seg = fast_model.segment(view, parse=parse)
+    assert view.low_precision is not None  # nothing was refined for this expression
+    np.testing.assert_array_equal(seg.explain["hybrid_features"], low.numpy())
+    with view.refining:  # what a later expression's refinement does to the shared view
+        fast_model._refine(view, np.flatnonzero(view.low_precision.low))
+    np.testing.assert_array_equal(seg.explain["hybrid_features"], low.numpy())
