@@ -171,7 +171,11 @@ class _Worker:
                     log.error("device failure in actor %d (%s): exiting so Ray restarts it and retries", self.pid, exc)
                     os._exit(1)
                 error = f"internal: {type(exc).__name__}: {exc}"
-        return {"index": row["index"], "value": pickle.dumps(value), "error": error or "", "worker": self.pid}
+        try:
+            blob = pickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - raised here, Ray Data would drop the item as if its actor died
+            blob, error = pickle.dumps(None), f"internal: {type(exc).__name__}: {exc}"
+        return {"index": row["index"], "value": blob, "error": error or "", "worker": self.pid}
 
 
 def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Callable[[], Any],

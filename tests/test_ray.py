@@ -240,3 +240,17 @@ def test_a_cuda_error_replaces_the_actor_and_redoes_the_item(ray_address, tmp_pa
     assert len(results) == 6 and by_index[2].value == 20 and by_index[2].error is None  # ... and item 2 was redone
     assert by_index[4].error == "internal: ValueError: bad input"  # an ordinary error stays with its item
     assert {i: r.value for i, r in by_index.items() if i not in (2, 4)} == {0: 0, 1: 10, 3: 30, 5: 50}
+
+
+def _unpicklable(model, item, loaded):
+    return lambda: item  # a work function's value that cannot travel back to the driver
+
+
+def test_a_value_that_cannot_be_sent_back_is_that_items_error():
+    """Reported with its item as an internal error, not raised in the actor (Ray Data would count the
+    block as errored and the driver would report it as `lost: ... the actor kept dying`)."""
+    import pickle
+
+    worker = distributed._Worker(lambda: None, _unpicklable)
+    row = worker({"index": 5, "item": pickle.dumps(1), "loaded": pickle.dumps(2), "error": ""})
+    assert row["index"] == 5 and row["error"].startswith("internal: ") and pickle.loads(row["value"]) is None
