@@ -162,9 +162,10 @@ class PreparedView:
         """The same view restricted to some proposals (no recomputation); indices into this view."""
         idx = np.asarray(indices, dtype=np.int64)
         props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
-        return PreparedView(self.image, props, self.features[torch.from_numpy(idx).to(self.features.device)],
-                            self.tokens, self.original_size,
-                            self.low_precision.subset(idx) if self.low_precision is not None else None)
+        with self.refining:  # fast mode: rows and their low-precision flags copied in one state
+            features = self.features[torch.from_numpy(idx).to(self.features.device)]
+            low = self.low_precision.subset(idx) if self.low_precision is not None else None
+        return PreparedView(self.image, props, features, self.tokens, self.original_size, low)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:

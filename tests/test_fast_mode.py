@@ -296,3 +296,28 @@ def test_a_segmentation_keeps_the_features_it_was_computed_from(fast_model):
     with view.refining:  # what a later expression's refinement does to the shared view
         fast_model._refine(view, np.flatnonzero(view.low_precision.low))
     np.testing.assert_array_equal(seg.explain["hybrid_features"], low.numpy())
+
+
+def test_a_subset_of_a_shared_fast_view_waits_for_its_refinement(fast_model):
+    """`subset` copies the features and which rows are low precision: taken while another thread
+    makes rows exact, the copy could pair low-precision values with rows marked exact (or fail on
+    the exact features' dict changing size). It waits for `refining`, and sees one state."""
+    import threading
+
+    data, image, _ = load_case(CASES[2])
+    masks, image = data["masks"], np.asarray(image.convert("RGB"))
+    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False))
+    low = exact + 1e-3 * exact.norm(dim=-1, keepdim=True)
+    view = PreparedView(image, Proposals.from_masks(masks, *masks.shape[1:]), low.clone(), None,
+                        low_precision=LowPrecision(np.ones(len(masks), bool), 0.0, 0.0))
+    out = []
+    with view.refining:  # another thread's expression is refining the view
+        worker = threading.Thread(target=lambda: out.append(view.subset(np.arange(len(masks)))))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not out  # the subset waits ...
+        fast_model._refine(view, np.arange(len(masks) // 2))
+    worker.join(10)
+    sub = out[0]  # ... and sees the refined rows as exact, with their exact values
+    assert not sub.low_precision.low[: len(masks) // 2].any()
+    np.testing.assert_array_equal(sub.features.numpy(), view.features.numpy())
