@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ def options_from_args(args: argparse.Namespace) -> RayOptions | None:
         return None
     if args.ray_actors is not None and args.ray_actors < 1:
         raise ValueError("--ray-actors must be at least 1")
-    if (args.ray_gpus_per_actor or 0) < 0 or args.ray_cpus_per_actor < 0:
-        raise ValueError("--ray-gpus-per-actor and --ray-cpus-per-actor must not be negative")
+    for option, value in (("--ray-gpus-per-actor", args.ray_gpus_per_actor or 0.0),
+                          ("--ray-cpus-per-actor", args.ray_cpus_per_actor)):
+        if not math.isfinite(value) or value < 0:  # nan passed a '< 0' test
+            raise ValueError(f"{option} must be a finite number, not negative (got {value})")
     return RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
                       gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor)
 

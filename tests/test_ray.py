@@ -254,3 +254,12 @@ def test_a_value_that_cannot_be_sent_back_is_that_items_error():
     worker = distributed._Worker(lambda: None, _unpicklable)
     row = worker({"index": 5, "item": pickle.dumps(1), "loaded": pickle.dumps(2), "error": ""})
     assert row["index"] == 5 and row["error"].startswith("internal: ") and pickle.loads(row["value"]) is None
+
+
+def test_nan_or_infinite_actor_resources_are_refused():
+    parser = argparse.ArgumentParser()
+    distributed.add_ray_arguments(parser)
+    for option in ("--ray-gpus-per-actor", "--ray-cpus-per-actor"):
+        for value in ("nan", "inf"):
+            with pytest.raises(ValueError, match=option):
+                distributed.options_from_args(parser.parse_args(["--ray", option, value]))
