@@ -53,8 +53,9 @@ class RayOptions:
     cpus_per_actor: float = 1.0
     load_cpus: float = 0.25
 
-    def resources(self, cluster: dict[str, float]) -> tuple[int, float, float]:
-        """(actors, gpus per actor, cpus per actor) for a cluster's total resources."""
+    def resources(self, cluster: dict[str, float], items: int | None = None) -> tuple[int, float, float]:
+        """(actors, gpus per actor, cpus per actor) for a cluster's total resources; never more
+        actors than `items` (each loads the model, minutes on a GPU, for nothing to do)."""
         gpus = float(cluster.get("GPU", 0.0))
         per_gpu = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
         if self.actors is not None:
@@ -63,7 +64,7 @@ class RayOptions:
             actors = max(int(gpus / per_gpu), 1)
         else:
             actors = 1
-        return actors, per_gpu, self.cpus_per_actor
+        return (min(actors, max(items, 1)) if items is not None else actors), per_gpu, self.cpus_per_actor
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +196,7 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
 
     if not items:
         return
-    actors, gpus, cpus = options.resources(ray.cluster_resources())
+    actors, gpus, cpus = options.resources(ray.cluster_resources(), len(items))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own progress, with ETA
     ctx.print_on_execution_start = False

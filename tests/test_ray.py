@@ -184,6 +184,8 @@ def test_actor_count_follows_the_cluster():
     assert distributed.RayOptions(gpus_per_actor=0.5).resources({"GPU": 2.0})[:2] == (4, 0.5)  # two per GPU
     assert distributed.RayOptions().resources({"CPU": 16.0}) == (1, 0.0, 1.0)  # CPU-only: one, unless told
     assert distributed.RayOptions(actors=3, cpus_per_actor=0.5).resources({"CPU": 2.0}) == (3, 0.0, 0.5)
+    assert distributed.RayOptions().resources({"GPU": 8.0}, items=3)[0] == 3  # no actor without an item
+    assert distributed.RayOptions(actors=4).resources({"CPU": 2.0}, items=1)[0] == 1
     parser = argparse.ArgumentParser()
     distributed.add_ray_arguments(parser)
     assert distributed.options_from_args(parser.parse_args([])) is None  # without --ray nothing changes

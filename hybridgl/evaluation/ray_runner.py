@@ -98,7 +98,7 @@ def evaluate_on_ray(args: argparse.Namespace, dataset: EvalDataset, out_dir: str
         items = [item for item in items if item[1]]
         total, todo = len(dataset), sum(len(keys) for _, keys in items)
         already = total - todo
-        actors, gpus, _ = options.resources(resources)
+        actors, gpus, _ = options.resources(resources, len(items))
         print(f"Ray: {actors} model actors ({gpus:g} GPU each) for {len(items)} images, {todo} expressions",
               file=sys.stderr, flush=True)
         bar = runner._progress(total, already, progress, f"{dataset.name} {dataset.split}")
