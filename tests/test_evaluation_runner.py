@@ -183,6 +183,14 @@ def test_resume_refuses_another_config_unless_overwrite(clip_pair, refer_data, t
         runner.evaluate_model(other, ds, out, proposals_fn=gt_proposals, progress=False)
     m = runner.evaluate_model(other, ds, out, proposals_fn=gt_proposals, progress=False, overwrite=True)
     assert m["n"] == 1 and m["config"]["use_relation"] is False
+    # RefCOCOg's umd and google splits put different refs in "val": a resume must not mix them
+    info = json.loads((out / runner.RUN_INFO).read_text())
+    assert ds.split_by == "unc" and info["split_by"] == "unc"
+    with pytest.raises(runner.ResumeError, match="split_by"):
+        runner._check_resume(out, {**info, "split_by": "google"}, overwrite=False)
+    del info["split_by"]  # a run from before split_by was recorded resumes as before
+    (out / runner.RUN_INFO).write_text(json.dumps(info))
+    runner._check_resume(out, {**info, "split_by": "unc"}, overwrite=False)
 
 
 class Failing(Counting):

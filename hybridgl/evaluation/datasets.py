@@ -93,6 +93,7 @@ class EvalDataset:
     split: str
     groups: list[ImageGroup]
     skipped: dict[str, int] = field(default_factory=dict)
+    split_by: str | None = None  # the refer split (RefCOCOg: umd or google): which refs "val" holds
 
     def __len__(self) -> int:
         return sum(len(g.samples) for g in self.groups)
@@ -116,7 +117,7 @@ class EvalDataset:
             take = g.samples[:left]
             groups.append(ImageGroup(g.image_id, g.path, g.height, g.width, take, g._gt_sources, g._gt_kind))
             left -= len(take)
-        return EvalDataset(self.name, self.split, groups, dict(self.skipped))
+        return EvalDataset(self.name, self.split, groups, dict(self.skipped), self.split_by)
 
 
 def load_rgb(path: Path, height: int | None = None, width: int | None = None) -> np.ndarray:
@@ -204,7 +205,7 @@ def load_refer(data_root: str | Path, dataset: str, split: str, coco_images: str
         for sent in ref["sentences"]:
             text = sent.get(sentence_field) or sent.get("sent") or sent.get("raw") or ""
             group.samples.append(Sample(sent["sent_id"], ref["ref_id"], image_id, str(text), ref["ref_id"]))
-    return EvalDataset(dataset, split, list(groups.values()))
+    return EvalDataset(dataset, split, list(groups.values()), split_by=split_by)
 
 
 def find_phrasecut_root(data_root: str | Path, split: str) -> Path:

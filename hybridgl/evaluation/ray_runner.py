@@ -89,7 +89,7 @@ def evaluate_on_ray(args: argparse.Namespace, dataset: EvalDataset, out_dir: str
     factory = partial(_build, args, proposals_cache)
     with distributed.cluster(options) as resources:
         model_info = distributed.probe(factory, _describe, options)
-        info = {**model_info, "dataset": dataset.name, "split": dataset.split}
+        info = {**model_info, "dataset": dataset.name, "split": dataset.split, "split_by": dataset.split_by}
         runner._check_resume(out_dir, info, overwrite)
         (out_dir / runner.RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
         pred_path = out_dir / runner.PREDICTIONS

@@ -237,7 +237,8 @@ class ProposalCache:
 # the run
 
 def _run_info(model, dataset: EvalDataset) -> dict:
-    return {"dataset": dataset.name, "split": dataset.split, "model_version": model.model_version,
+    return {"dataset": dataset.name, "split": dataset.split, "split_by": dataset.split_by,
+            "model_version": model.model_version,
             "parser": getattr(model, "parser_name", None), "device": str(getattr(model, "device", "")),
             "config": model.config.to_dict(), "config_fingerprint": model.config.fingerprint()}
 
@@ -255,7 +256,9 @@ def _check_resume(out_dir: Path, info: dict, overwrite: bool) -> None:
         raise ResumeError(f"{pred_path} exists but {info_path} does not: not a run of this harness "
                           "(use another --out, or --overwrite)")
     old = json.loads(info_path.read_text(encoding="utf-8"))
-    for key in ("dataset", "split", "model_version"):
+    for key in ("dataset", "split", "split_by", "model_version"):
+        if key == "split_by" and key not in old:  # a run from before split_by was recorded
+            continue
         if old.get(key) != info.get(key):
             raise ResumeError(f"{out_dir} holds a run with {key} = {old.get(key)!r}, this one has "
                               f"{info.get(key)!r}: use another --out, or --overwrite to start again")
