@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hybridgl import weights
+
 from .outbound import AddressPolicy, ForbiddenTarget, parse_target
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -47,12 +49,6 @@ def _list(name: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip())
 
 
-def _default_model_dir() -> Path:
-    # as hybridgl.weights.model_dir() reads it (stripped, ~ expanded): the weights and the backend's files agree
-    env = os.environ.get("MODEL_DIR", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybridgl"
-
-
 @dataclass(frozen=True)
 class Settings:
     clip_model: str = DEFAULT_CLIP
@@ -62,7 +58,8 @@ class Settings:
     config: str | None = None  # HybridGLConfig overrides: a JSON/TOML file, or inline JSON ("{...}")
     alternatives: int = 1  # predictions per task: the best mask and the next k-1 ranked ones
     device: str | None = None
-    model_dir: Path = field(default_factory=_default_model_dir)  # weights (hybridgl.weights) + backend files
+    # weights and backend files: MODEL_DIR read as the weights read it, so both agree
+    model_dir: Path = field(default_factory=weights.model_dir)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
     basic_auth_user: str | None = None
@@ -93,7 +90,7 @@ class Settings:
             config=(env("HYBRIDGL_CONFIG") or "").strip() or None,
             alternatives=_int("HYBRIDGL_ALTERNATIVES", 1, minimum=1),
             device=env("DEVICE") or None,
-            model_dir=_default_model_dir(),
+            model_dir=weights.model_dir(),
             label_studio_url=(env("LABEL_STUDIO_URL") or env("LABEL_STUDIO_HOST") or "").rstrip("/") or None,
             label_studio_api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
             basic_auth_user=env("BASIC_AUTH_USER") or None,
@@ -152,6 +149,5 @@ class Settings:
         for secret in ("label_studio_api_key", "basic_auth_pass", "webhook_secret"):
             if out[secret]:
                 out[secret] = "***"
-        from hybridgl.weights import shown  # URLs without user info or query (a presigned signature)
-
-        return {k: shown(v) if isinstance(v, str) and "://" in v else v for k, v in out.items()}
+        # URLs without user info or query (a presigned signature)
+        return {k: weights.shown(v) if isinstance(v, str) and "://" in v else v for k, v in out.items()}
