@@ -293,7 +293,10 @@ class HybridGL:
     def working_image(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """The RGB image the model works on: downscaled (area averaging, aspect kept) to
         `config.max_image_side` on its longest side where it is larger, else as given."""
-        rgb = to_rgb_array(image)
+        return self._bounded(to_rgb_array(image))
+
+    def _bounded(self, rgb: np.ndarray) -> np.ndarray:
+        """`working_image` of an image already uint8 [H,W,3] RGB."""
         limit = self.config.max_image_side
         if limit is None or max(rgb.shape[:2]) <= limit:
             return rgb
@@ -317,7 +320,7 @@ class HybridGL:
         what SAM itself would have been given, e.g. cached proposals).
         """
         original = to_rgb_array(image)
-        rgb = self.working_image(original)
+        rgb = self._bounded(original)
         original_size = None if rgb.shape == original.shape else (int(original.shape[0]), int(original.shape[1]))
         if proposals is not None:
             given = proposals.masks if isinstance(proposals, Proposals) else proposals
