@@ -156,7 +156,7 @@ def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: S
         dropped: set[int] = set()
         for t, p in items:
             if t not in held:
-                held[t] = {_as_dict(q).get("model_version") for q in ls.predictions.list(task=t)}
+                held[t] = posted_versions(ls, t)
             if p["model_version"] not in held[t]:
                 dropped.add(t)
                 summary.failed[t] = "post: Label Studio did not store the prediction (does it still match the " \
@@ -215,9 +215,24 @@ def is_answer_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout))
 
 
+def posted_versions(ls, task_id: int) -> set:
+    """The model versions of the predictions Label Studio holds for a task."""
+    return {_as_dict(p).get("model_version") for p in ls.predictions.list(task=task_id)}
+
+
 def already_posted(ls, task_id: int, model_version: str) -> bool:
     """Whether Label Studio holds a prediction of `model_version` for the task (an import whose answer was lost)."""
-    return any(_as_dict(p).get("model_version") == model_version for p in ls.predictions.list(task=task_id))
+    return model_version in posted_versions(ls, task_id)
+
+
+def stored_tasks(ls, ids: list[int], model_version: str, settle_until: float) -> set[int]:
+    """The tasks among `ids` that hold a prediction of `model_version`, asked again every SETTLE_POLL
+    seconds until all do or time.monotonic() reaches `settle_until`."""
+    while True:
+        stored = {t for t in ids if already_posted(ls, t, model_version)}
+        if len(stored) == len(ids) or time.monotonic() >= settle_until:
+            return stored
+        time.sleep(SETTLE_POLL)
 
 
 def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, report: Path | None = None,
@@ -277,18 +292,14 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
-                # an import whose answer timed out may still be running there: give it time to land
+                # the import may have been stored before its answer was lost: never post it twice; one
+                # whose answer timed out may still be running there: give it time to land
                 settle = time.monotonic() + (SETTLE_SECONDS if is_answer_timeout(exc) else 0.0)
+                ids = list(dict.fromkeys(t for t, _ in pending))
                 while True:  # (Label Studio may drop again while its predictions are checked)
                     reconnect.until_back()
                     try:
-                        # the import may have been stored before its answer was lost: never post it twice
-                        ids = list(dict.fromkeys(t for t, _ in pending))
-                        while True:
-                            stored = {t for t in ids if already_posted(ls, t, backend.model_version)}
-                            if len(stored) == len(ids) or time.monotonic() >= settle:
-                                break
-                            time.sleep(SETTLE_POLL)
+                        stored = stored_tasks(ls, ids, backend.model_version, settle)
                         break
                     except Exception as again:
                         if not is_connection_error(again):
