@@ -119,15 +119,8 @@ class RayBackend:
 
 def run_on_ray(settings: Settings, options: distributed.RayOptions, ls, project: int, **run_options):
     """`preannotate.run` with the predictions made on Ray (connects, or starts a local cluster)."""
-    import signal
-    import threading
-
     from .preannotate import run
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
-    with distributed.cluster(options):
-        if on_sigterm is not None:  # ray.init replaced it with its own (sys.exit): SIGTERM ends the run like Ctrl-C
-            signal.signal(signal.SIGTERM, on_sigterm)
+    with distributed.cluster(options):  # (which keeps main()'s SIGTERM handler: the run ends like Ctrl-C)
         backend = RayBackend(settings, options)
         return run(backend, ls, project, predict=backend.predict_stream, **run_options)

@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import pickle
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -110,11 +112,15 @@ def cluster(options: RayOptions) -> Iterator[dict[str, float]]:
     ray = _ray()
     started = False
     if not ray.is_initialized():
+        main_thread = threading.current_thread() is threading.main_thread()
+        on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
         try:
             ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
                      configure_logging=False)
         except ConnectionError as exc:
             raise RayUnavailable(f"cannot reach the Ray cluster at {options.address}: {exc}") from exc
+        if callable(on_sigterm):  # ray.init installs its own (sys.exit): the caller's handler stays in charge
+            signal.signal(signal.SIGTERM, on_sigterm)
         started = True
     try:
         yield dict(ray.cluster_resources())
