@@ -5,9 +5,12 @@ phrase is encoded as "a photo of " + phrase and the features are averaged into f
 """
 from __future__ import annotations
 
+import html
 import logging
+import re
 from dataclasses import dataclass
 
+import ftfy
 import torch
 from torch import nn
 
@@ -17,14 +20,27 @@ from .parsing import ParsedExpression
 log = logging.getLogger("hybridgl.text")
 
 
+def clip_clean(text: str) -> str:
+    """The text as OpenAI's `clip.tokenize` (the reference's tokenizer) sees it before BPE.
+
+    Hugging Face's CLIP tokenizer applies only NFC, whitespace folding and lower-casing, so its ids
+    differ from the reference's wherever ftfy or html.unescape would change the text ("&amp;",
+    curly quotes, full-width letters, mojibake).
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip()
+
+
 @torch.no_grad()
 def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """One string -> its raw (unnormalised) CLIP text feature [D].
 
-    Text over CLIP's context length is truncated with a warning, never an error: the end-of-text
+    The text is cleaned as the reference's tokenizer cleans it (`clip_clean`). Text over CLIP's
+    context length is truncated with a warning, never an error: the end-of-text
     token is kept, so the feature is that of the first tokens.
     """
     limit = int(clip.text_model.config.max_position_embeddings)
+    text = clip_clean(text)
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # its warning says "indexing
     # errors", which the truncation below prevents; ours says what happens
     if len(ids) > limit:

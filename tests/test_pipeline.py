@@ -304,3 +304,21 @@ def test_a_clip_shallower_than_the_config_is_a_clear_error():
         hybrid_features(clip, image, masks, HybridGLConfig())
     assert gem_tokens(clip, image, HybridGLConfig(gem_blocks=4)).shape[-1] == clip.visual_projection.out_features
     assert hybrid_features(clip, image, masks, HybridGLConfig(fusion_start_block=3)).shape == (1, clip.visual_projection.out_features)
+
+
+def test_text_is_cleaned_as_clip_tokenize_cleans_it(tiny_clip_pair):
+    """OpenAI's clip.tokenize (the reference's) runs ftfy.fix_text and html.unescape before BPE;
+    Hugging Face's CLIP tokenizer does neither, so without them "&amp;", curly quotes and
+    full-width letters would encode as other tokens than the reference's."""
+    from hybridgl.text import clip_clean, encode_text
+
+    clip, tok = tiny_clip_pair
+    assert clip_clean("man&amp;dog") == "man&dog"
+    assert clip_clean("the man\u2019s  hat\n") == "the man's hat"
+    assert clip_clean("\uff4d\uff41\uff4e") == "man"  # full-width letters
+    same = [("the man &amp; the dog", "the man & the dog"),
+            ("the man\u2019s umbrella", "the man's umbrella"),
+            ("the &amp;lt;man&amp;gt;", "the <man>")]  # unescaped twice, as the reference does
+    for raw, clean in same:
+        assert torch.equal(encode_text(clip, tok, raw), encode_text(clip, tok, clean)), raw
+    assert not torch.equal(encode_text(clip, tok, "the man's umbrella"), encode_text(clip, tok, "the man umbrella"))
