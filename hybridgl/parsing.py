@@ -249,8 +249,10 @@ def analyze(words: Sequence[Word], parser: str) -> ParsedExpression:
         target = (subjects or kids or [None])[0]
     noun_phrase = text(spans[target]) if target is not None else sentence
 
-    others = [i for i in sorted(spans) if text(spans[i]) != noun_phrase and not _is_place(words[i])
-              and words[i].text not in COLOUR_WORDS]
+    # by position, not by text: in "the dog behind the dog" the second "the dog" is the partner;
+    # without a target phrase the whole expression is the target ("right side")
+    others = [i for i in sorted(spans) if i != target and not _is_place(words[i])
+              and words[i].text not in COLOUR_WORDS and not (target is None and text(spans[i]) == sentence)]
     relation = _earliest_head(words, RELATION_KEYWORDS)
     if any(_is_null(words[i]) for i in others):
         relation = "none"

@@ -108,6 +108,10 @@ CASES = [
     ("man in the middle",
      [("man", "NOUN", 0, "root"), ("in", "ADP", 4, "case"), ("the", "DET", 4, "det"), ("middle", "NOUN", 1, "nmod")],
      "man", (), "none", "middle"),
+    # another phrase with the target's words is still another object (spec: every phrase but the target)
+    ("the dog behind the dog",
+     [("the", "DET", 2, "det"), ("dog", "NOUN", 0, "root"), ("behind", "ADP", 5, "case"), ("the", "DET", 5, "det"),
+      ("dog", "NOUN", 2, "nmod")], "the dog", ("the dog",), "up", "none"),
 ]
 
 
