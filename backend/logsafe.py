@@ -1,5 +1,7 @@
 """Secrets never reach the logs: query strings (presigned-URL signatures, a webhook secret),
 Authorization values and the backend's own secrets are redacted from every record, at every level.
+Nor can a request forge a log line: control characters in a message (a newline in a task id, project
+id, image URL or webhook field) are escaped, so every record stays one line.
 
 `RedactingFilter` is installed on the process's log handlers (`install`), so it also covers records
 of other libraries (urllib3 logs request lines with their query at DEBUG, werkzeug logs every request).
@@ -17,10 +19,25 @@ REDACTED = "[redacted]"
 # a query string after a URL or a path: "http://h/p?sig=..", "GET /webhook?secret=.. HTTP/1.1"
 _QUERY = re.compile(r"((?:\b[a-zA-Z][a-zA-Z0-9+.-]*://|(?<![\w.])/)[^\s?#\"'<>]*)\?[^\s\"'<>]*")
 _AUTH = re.compile(r"\b(Token|Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{4,}", re.IGNORECASE)
+# what can end or rewrite a line (newlines, CR, terminal escapes, Unicode line separators); tab cannot
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with its control characters (except those in `keep`) written as escapes: \\n, \\r, \\x1b."""
+    def escaped(m: re.Match) -> str:
+        c = m.group()
+        if c in keep:
+            return c
+        return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _CONTROL.sub(escaped, text)
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites each record's message (and traceback) with secrets replaced by [redacted]."""
+    """Rewrites each record's message (and traceback) with secrets replaced by [redacted] and control
+    characters escaped (a traceback keeps its newlines: it is many lines by nature)."""
 
     def __init__(self, secrets: Iterable[str] = (), keep: int = 256):
         super().__init__()
@@ -55,13 +72,13 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is logged as it stands
             message = str(record.msg)
-        record.msg, record.args = self.redact(message), ()
+        record.msg, record.args = escape_controls(self.redact(message)), ()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = self.redact(record.exc_text)
+            record.exc_text = escape_controls(self.redact(record.exc_text), keep="\n")
         if record.stack_info:
-            record.stack_info = self.redact(record.stack_info)
+            record.stack_info = escape_controls(self.redact(record.stack_info), keep="\n")
         return True
 
 

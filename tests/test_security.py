@@ -304,6 +304,30 @@ def test_webhook_numeric_project_finds_the_setup_connection(model, tmp_path):
         server.close()
 
 
+def test_request_values_cannot_forge_log_lines(model):
+    """Task ids (and project ids, image URLs, webhook fields) went into log lines as given: a task id
+    with a newline wrote a line of the attacker's choosing into the log. Every record's control
+    characters are escaped by the filter on the handlers, so each record stays one line."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    forged = "7\n2024-01-01 00:00:00,000 ERROR backend: forged\r\x1b[2K"
+    try:
+        _, c = make_client(model)  # create_app installs the filter on the root's handlers, this one too
+        (result,) = predict(c, [{"id": forged, "data": "not an object"}])
+        assert result["kind"] == "bad_task" and result["task"] == forged  # the answer keeps the id as sent
+    finally:
+        root.removeHandler(handler)
+    lines = [ln for ln in stream.getvalue().splitlines() if "forged" in ln]
+    assert len(lines) == 1 and lines[0].split(" ", 3)[2:3] == ["WARNING"], stream.getvalue()
+    assert "task 7\\n2024-01-01 00:00:00,000 ERROR backend: forged\\r\\x1b[2K: bad_task" in lines[0]
+
+
 def test_interactive_request_with_an_empty_context_gets_one_prediction(model):
     ls = FakeLabelStudio({"a.png": IMAGE_A})
     try:
