@@ -45,6 +45,7 @@ from typing import Any, Iterator, Sequence
 from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from_args
 from hybridgl.prefetch import prefetch
 
+from . import logsafe
 from .labeling import Interface, TaskError, parse_config
 from .reconnect import CONNECTION_KINDS, LabelStudioGone, Reconnect, is_connection_error, label_studio_up
 from .settings import Settings, SettingsError
@@ -550,6 +551,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsafe.install()  # task ids and image URLs from the project are logged: no forged lines, no secrets
     try:
         settings = backend.settings if backend is not None else Settings.from_env()
     except SettingsError as exc:

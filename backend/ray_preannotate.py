@@ -25,8 +25,10 @@ from .settings import Settings
 
 def _build(settings: Settings):
     """On each worker: the backend, loaded as the server loads it (same settings, same version)."""
+    from . import logsafe
     from ._wsgi import load_backend
 
+    logsafe.install()  # as in the server: the tasks' ids and URLs logged here can forge no line
     return load_backend(settings)
 
 

@@ -328,6 +328,42 @@ def test_request_values_cannot_forge_log_lines(model):
     assert "task 7\\n2024-01-01 00:00:00,000 ERROR backend: forged\\r\\x1b[2K: bad_task" in lines[0]
 
 
+def test_batch_and_ray_worker_logs_cannot_be_forged_either(tmp_path, monkeypatch):
+    """The escaping filter was installed by the server only: `python -m backend.preannotate` and the
+    Ray workers it starts (no log configuration: Python's last-resort handler) logged task ids raw."""
+    import io
+    import logging
+
+    import label_studio_sdk
+
+    from backend import preannotate
+    from test_preannotate_run import FakeBackend, FakeLS, tasks
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    monkeypatch.setattr(label_studio_sdk, "LabelStudio", lambda base_url, api_key: FakeLS(tasks(1)))
+    backend = FakeBackend()
+    backend.settings = Settings(model_dir=tmp_path)
+    try:
+        assert preannotate.main(["--url", "http://ls.invalid", "--api-key", "k", "--project", "1", "--no-progress"],
+                                backend=backend) == 0
+        logging.getLogger("backend").warning("task %s: bad_task", "7\nERROR forged")
+    finally:
+        root.removeHandler(handler)
+    assert "task 7\\nERROR forged: bad_task\n" in stream.getvalue()
+
+    code = ("import sys; from backend.ray_preannotate import _build; from backend.settings import Settings\n"
+            "from test_backend import CONFIG\n"
+            "_build(Settings.from_env()).predict([{'id': sys.argv[1], 'data': 'x'}], label_config=CONFIG)")
+    env = {**tiny_environment(tmp_path), "MODEL_DIR": str(tmp_path / "models"), "OMP_NUM_THREADS": "1"}
+    out = _run_server([sys.executable, "-c", code, "7\nERROR forged"], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [ln for ln in out.stderr.splitlines() if "forged" in ln] == \
+        ["task 7\\nERROR forged: bad_task: a task must be an object with a 'data' object"], out.stderr[-3000:]
+
+
 def test_interactive_request_with_an_empty_context_gets_one_prediction(model):
     ls = FakeLabelStudio({"a.png": IMAGE_A})
     try:
