@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -433,19 +434,40 @@ def download_clip(name: str = DEFAULT_CLIP, cache_dir=None) -> Path:
 
 # -- stanza -----------------------------------------------------------------------------------------
 
-def _stanza_complete(directory: Path) -> bool:
-    """resources.json and a model file in each processor's directory. Only regular files count:
-    stanza downloads each file into a temporary directory beside it, which a killed download leaves
-    behind; any such directory (also in pretrain/ or a charlm's) makes the install incomplete."""
+def _stanza_files(resources: dict) -> list[str]:
+    """The model files (en/<processor>/<package>.pt) that `stanza.download(processors=STANZA_PROCESSORS)`
+    fetches and the pipeline loads, as stanza resolves them from resources.json: each processor's
+    default package (plus mwt, which stanza adds when the default package has one), then the models
+    those depend on (pretrained word vectors, character language models)."""
+    lang = resources[STANZA_LANG]
+    default = lang["packages"]["default"]
+    processors = STANZA_PROCESSORS.split(",") + (["mwt"] if "mwt" in default else [])
+    models = [(p, default[p]) for p in processors]
+    models += [(d["model"], d["package"]) for p, package in models for d in lang[p][package].get("dependencies", [])]
+    return sorted({f"{STANZA_LANG}/{p}/{package}.pt" for p, package in models})
+
+
+def _stanza_missing(directory: Path) -> list[str]:
+    """What an install lacks: resources.json, or a model file it lists as needed (a dependency's
+    folder may never have been created). Only regular files count: stanza downloads each file into a
+    temporary directory beside it, which a killed download leaves behind; any such directory (also in
+    pretrain/ or a charlm's) makes the install incomplete."""
+    try:
+        files = _stanza_files(json.loads((directory / "resources.json").read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return ["resources.json"]
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):  # cut short, or another language's
+        return ["resources.json (unreadable, or without English)"]
+    missing = [f for f in files if not (directory / f).is_file()]
     lang = directory / STANZA_LANG
+    if lang.is_dir():
+        missing += [f"{e.relative_to(directory).as_posix()} (left by a killed download)"
+                    for d in sorted(lang.iterdir()) if d.is_dir() for e in sorted(d.iterdir()) if e.is_dir()]
+    return missing
 
-    def filled(d: Path) -> bool:
-        entries = list(d.iterdir())
-        return any(e.is_file() for e in entries) and not any(e.is_dir() for e in entries)
 
-    return (directory / "resources.json").is_file() and lang.is_dir() \
-        and all((lang / p).is_dir() for p in STANZA_PROCESSORS.split(",")) \
-        and all(filled(d) for d in lang.iterdir() if d.is_dir())
+def _stanza_complete(directory: Path) -> bool:
+    return not _stanza_missing(directory)
 
 
 def download_stanza(dir: str | Path | None = None) -> Path:  # noqa: A002 - the documented name
@@ -515,10 +537,10 @@ def check(sam: str | None = DEFAULT_SAM, clip: str | None = DEFAULT_CLIP, stanza
                      "bytes": _size(path) if present else 0, "expected_bytes": None, "note": ""})
     if stanza:
         path = stanza_dir(cache_dir)
-        present = _stanza_complete(path)
-        rows.append({"kind": "stanza", "what": "stanza en", "path": str(path), "present": present,
+        missing = _stanza_missing(path)
+        rows.append({"kind": "stanza", "what": "stanza en", "path": str(path), "present": not missing,
                      "bytes": _size(path) if path.is_dir() else 0, "expected_bytes": None,
-                     "note": "" if present or not path.is_dir() else "incomplete"})
+                     "note": "" if not missing or not path.is_dir() else "incomplete: missing " + ", ".join(missing)})
     return rows
 
 

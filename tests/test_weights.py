@@ -3,6 +3,7 @@ the check table, offline mode, local paths, and the command line. No real weight
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -323,12 +324,32 @@ def test_download_stanza_passes_the_sources(env, monkeypatch):
     assert calls == []
 
 
+# the English part of stanza's resources.json, as its downloader reads it: the default package of each
+# processor and the models each depends on (files en/<processor>/<package>.pt)
+CHARLM_DEPENDENCIES = [{"model": "pretrain", "package": "conll17"}, {"model": "forward_charlm", "package": "1billion"},
+                       {"model": "backward_charlm", "package": "1billion"}]
+STANZA_RESOURCES = {"en": {
+    "lang_name": "English",
+    "packages": {"default": {"tokenize": "combined", "mwt": "combined", "pos": "combined_charlm",
+                             "lemma": "combined_nocharlm", "depparse": "combined_charlm", "ner": "ontonotes_charlm"}},
+    "tokenize": {"combined": {"md5": "0"}}, "mwt": {"combined": {"md5": "0"}},
+    "pos": {"combined_charlm": {"md5": "0", "dependencies": CHARLM_DEPENDENCIES}},
+    "lemma": {"combined_nocharlm": {"md5": "0"}},
+    "depparse": {"combined_charlm": {"md5": "0", "dependencies": CHARLM_DEPENDENCIES}},
+    "ner": {"ontonotes_charlm": {"md5": "0", "dependencies": CHARLM_DEPENDENCIES}},
+    "pretrain": {"conll17": {"md5": "0"}},
+    "forward_charlm": {"1billion": {"md5": "0"}}, "backward_charlm": {"1billion": {"md5": "0"}}}}
+STANZA_FILES = ["tokenize/combined.pt", "mwt/combined.pt", "pos/combined_charlm.pt", "lemma/combined_nocharlm.pt",
+                "depparse/combined_charlm.pt", "pretrain/conll17.pt", "forward_charlm/1billion.pt",
+                "backward_charlm/1billion.pt"]  # what `stanza.download(processors=...)` fetches (no ner)
+
+
 def fake_stanza_install(directory: Path) -> None:
     (directory / "en").mkdir(parents=True, exist_ok=True)
-    (directory / "resources.json").write_text("{}")
-    for processor in ("tokenize", "mwt", "pos", "lemma", "depparse", "pretrain"):
-        (directory / "en" / processor).mkdir(exist_ok=True)
-        (directory / "en" / processor / "combined.pt").write_bytes(b"x" * 1000)
+    (directory / "resources.json").write_text(json.dumps(STANZA_RESOURCES))
+    for name in STANZA_FILES:
+        (directory / "en" / name).parent.mkdir(exist_ok=True)
+        (directory / "en" / name).write_bytes(b"x" * 1000)
 
 
 # -- check ------------------------------------------------------------------------------------------
@@ -487,9 +508,37 @@ def test_stanza_leftover_of_a_killed_download_is_not_complete(env):
     fake_stanza_install(directory)
     assert weights._stanza_complete(directory)
     depparse = directory / "en" / "depparse"
-    (depparse / "combined.pt").unlink()
+    (depparse / "combined_charlm.pt").unlink()
     (depparse / "tmpab12cd").mkdir()
-    (depparse / "tmpab12cd" / "combined.pt").write_bytes(b"x" * 10)
+    (depparse / "tmpab12cd" / "combined_charlm.pt").write_bytes(b"x" * 10)
+    assert not weights._stanza_complete(directory)
+
+
+def test_stanza_missing_dependency_is_not_complete(env, monkeypatch):
+    """The check looked for the four processors' directories only: a dependency they load (the
+    pretrained vectors, a character LM) whose folder was never created passed as a complete install,
+    so nothing fetched it and the parser failed when loading. Every file resources.json makes the
+    pipeline need is required now; without it the install is reported incomplete and fetched again."""
+    import shutil
+
+    import stanza
+
+    directory = weights.stanza_dir()
+    fake_stanza_install(directory)
+    assert weights._stanza_complete(directory)
+    shutil.rmtree(directory / "en" / "forward_charlm")
+    assert not weights._stanza_complete(directory)
+    (row,) = weights.check(None, None, stanza=True)
+    assert not row["present"] and "en/forward_charlm/1billion.pt" in row["note"], row
+    calls = []
+    monkeypatch.setattr(stanza, "download", lambda lang, **kw: calls.append(lang))
+    weights.download_stanza()
+    assert calls == ["en"]
+    fake_stanza_install(directory)
+    (directory / "en" / "pretrain" / "conll17.pt").unlink()  # a dependency's file alone is missing
+    (directory / "en" / "pretrain" / "other.pt").write_bytes(b"x")
+    assert not weights._stanza_complete(directory)
+    (directory / "resources.json").write_text("{")  # unreadable: fetched again too
     assert not weights._stanza_complete(directory)
 
 
