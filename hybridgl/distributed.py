@@ -203,13 +203,15 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
     if not items:
         return
     actors, gpus, cpus = options.resources(ray.cluster_resources(), len(items))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows its own progress, with ETA
-    ctx.print_on_execution_start = False
-    ctx.max_errored_blocks = len(items)  # an item whose retries ran out is reported, not fatal
     # rows carry pickled Python objects: Ray Data never has to infer Arrow types for ragged images
     ds = ray.data.from_items([{"index": i, "item": pickle.dumps(x)} for i, x in enumerate(items)],
                              override_num_blocks=len(items))
+    # the dataset holds a copy of the current DataContext, which its execution reads (and the derived
+    # datasets share): set there, the settings are this run's, not the caller's process-wide ones
+    ctx = ds.context
+    ctx.enable_progress_bars = False  # the driver shows its own progress, with ETA
+    ctx.print_on_execution_start = False
+    ctx.max_errored_blocks = len(items)  # an item whose retries ran out is reported, not fatal
     ds = ds.map(_Load(load), num_cpus=options.load_cpus)
     ds = ds.map(_Worker, fn_constructor_args=(factory, work), compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=_actor_options)

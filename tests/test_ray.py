@@ -230,6 +230,29 @@ def test_an_item_that_keeps_killing_its_actor_is_reported_and_the_rest_done(ray_
     assert {i: r.value for i, r in by_index.items() if i != 3} == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
 
 
+def test_a_run_leaves_the_callers_data_context_as_it_was(ray_address):
+    """run_grouped set its Ray Data settings (no progress bars, errored blocks allowed) on the
+    process's current DataContext and never put them back: every later dataset of the caller's had
+    them too. They are set on the run's own dataset (which holds a copy of the context) only; the
+    test above shows that they still apply to the run."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    mine = {"enable_progress_bars": True, "print_on_execution_start": True, "max_errored_blocks": 0}
+    before = {name: getattr(ctx, name) for name in mine}
+    try:
+        for name, value in mine.items():
+            setattr(ctx, name, value)
+        options = distributed.RayOptions(actors=1, cpus_per_actor=0.5)
+        results = list(distributed.run_grouped([1, 2], _identity, lambda: None, _times_ten, options))
+        assert sorted((r.index, r.value, r.error) for r in results) == [(0, 10, None), (1, 20, None)]
+        assert ray.data.DataContext.get_current() is ctx
+        assert {name: getattr(ctx, name) for name in mine} == mine
+    finally:
+        for name, value in before.items():
+            setattr(ctx, name, value)
+
+
 def test_a_cuda_error_replaces_the_actor_and_redoes_the_item(ray_address, tmp_path):
     from functools import partial
 
