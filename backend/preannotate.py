@@ -105,24 +105,25 @@ def _as_dict(item: Any) -> dict:
 
 
 def iter_tasks(ls, project: int, page_size: int) -> Iterator[dict]:
-    """Every task of the project with its predictions (fields=all), page by page."""
-    from label_studio_sdk.core.api_error import ApiError
+    """Every task of the project with its predictions (fields=all), page by page, by ascending id.
 
-    page, seen = 1, 0
+    Each page is the first page of the tasks after the last id read (a Data Manager filter), not
+    the next page by offset: tasks deleted meanwhile would shift the later pages and leave as many
+    others unread. The list ends at an empty page (Label Studio may cap page_size)."""
+    last = 0
     while True:
-        try:
-            pager = ls.tasks.list(project=project, page=page, page_size=page_size, fields="all")
-        except ApiError as exc:
-            if exc.status_code == 404 and page > 1:  # past the last page
-                return
-            raise
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last}]},
+            "ordering": ["tasks:id"]}
+        pager = ls.tasks.list(project=project, page=1, page_size=page_size, fields="all", query=json.dumps(query))
         items = [_as_dict(t) for t in (pager.items or [])]
-        total = getattr(pager.response, "total", None) if pager.response is not None else None
-        yield from items
-        seen += len(items)
-        if not items or (total is not None and seen >= total):
+        if not items:
             return
-        page += 1
+        ids = [t.get("id") for t in items]
+        if not all(isinstance(i, int) and i > last for i in ids):  # else the same page would come forever
+            raise RuntimeError(f"Label Studio ignored the filter on task ids when listing project {project}'s tasks")
+        yield from items
+        last = max(ids)
 
 
 def has_prediction(task: dict, model_version: str) -> bool:

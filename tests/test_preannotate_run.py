@@ -29,6 +29,7 @@ class FakeLS:
         self.down = False
         self.on_import = None  # called with the body before storing (may raise)
         self.on_create = None
+        self.on_list = None  # called with each page of the task list once it is read
         ls = self
         self.projects = SimpleNamespace(get=self._get, update=lambda id, **f: None,
                                         import_predictions=self._import)
@@ -44,19 +45,36 @@ class FakeLS:
         self._check()
         return {"id": id, "label_config": CONFIG}
 
-    def _list(self, project, page, page_size, fields):
+    def _list(self, project, page, page_size, fields, query=None):
+        """Label Studio's paging: by offset (page, page_size) over the tasks by id, after the Data
+        Manager query's filters (here only the one on the task id, anything else is an error)."""
         self._check()
         ids = sorted(self.tasks_by_id)
+        for f in (json.loads(query)["filters"]["items"] if query else []):
+            assert (f["filter"], f["operator"], f["type"]) == ("filter:tasks:id", "greater", "Number"), f
+            ids = [i for i in ids if i > f["value"]]
+        assert not query or json.loads(query).get("ordering", ["tasks:id"]) == ["tasks:id"], query
         chunk = ids[(page - 1) * page_size: page * page_size]
-        return SimpleNamespace(items=[dict(self.tasks_by_id[i]) for i in chunk],
-                               response=SimpleNamespace(total=len(ids)))
+        answer = SimpleNamespace(items=[dict(self.tasks_by_id[i]) for i in chunk],
+                                 response=SimpleNamespace(total=len(ids)))
+        if self.on_list:
+            self.on_list(answer)
+        return answer
 
     def _store(self, p: dict):
         self.tasks_by_id[p["task"]]["predictions"].append(
             {"model_version": p["model_version"], "score": p["score"], "result": p["result"]})
 
+    def _known(self, task_id):
+        from label_studio_sdk.core.api_error import ApiError
+
+        if task_id not in self.tasks_by_id:
+            raise ApiError(status_code=400, body={"task": [f"Invalid pk \"{task_id}\" - object does not exist."]})
+
     def _import(self, project, request):
         self._check()
+        for p in request:
+            self._known(p["task"])
         kept = self.on_import(request) if self.on_import else None  # may raise, or keep only some
         kept = request if kept is None else kept
         self.imports.append(kept)
@@ -66,6 +84,7 @@ class FakeLS:
 
     def _create(self, task, result, score, model_version):
         self._check()
+        self._known(task)
         p = {"task": task, "result": result, "score": score, "model_version": model_version}
         if self.on_create:
             self.on_create(p)
@@ -277,3 +296,20 @@ def test_an_import_that_timed_out_and_lands_later_is_not_posted_twice(monkeypatc
     assert s.done == 3 and not s.failed
     assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))  # once each
     assert len(ls.imports) == 0  # nothing posted again: the late import holds them
+
+
+def test_tasks_deleted_while_the_task_list_is_read_leave_no_other_task_out():
+    """Label Studio pages the task list by offset: tasks deleted once the first page was read shifted
+    the later pages, so as many tasks slid past a page boundary unread and the run left them out
+    (exit status 0, nothing reported). The list is now read after the last task id seen, which no
+    deletion shifts."""
+    ls, backend = FakeLS(tasks(8)), FakeBackend()
+
+    def delete_the_first_two(page):  # once the first page is read
+        ls.on_list = None
+        del ls.tasks_by_id[1], ls.tasks_by_id[2]
+    ls.on_list = delete_the_first_two
+    s = run(backend, ls, batch=3)
+    assert sorted(set(backend.predicted) & set(ls.tasks_by_id)) == [3, 4, 5, 6, 7, 8]
+    assert all(versions(ls, t) == [VERSION] for t in ls.tasks_by_id)
+    assert sorted(s.failed) == [1, 2]  # listed, then deleted: their predictions could not be posted
