@@ -40,7 +40,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from_args
 from hybridgl.prefetch import prefetch
@@ -137,9 +137,13 @@ def existing_score(task: dict, model_version: str) -> float | None:
     return max(scores) if scores else None
 
 
-def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: Summary) -> set[int]:
+def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: Summary,
+                     stored_after: Callable[[BaseException, list[int], str], set[int]]) -> set[int]:
     """Post [(task id, prediction)]: one bulk import, else one by one (to report the bad one).
-    Returns the task ids whose predictions could not be posted."""
+    Returns the task ids whose predictions Label Studio refused. A connection error of the bulk
+    import is raised (the caller waits for Label Studio); one while posting one by one is waited
+    for here: stored_after(error, task ids, model_version) waits for Label Studio to be back and
+    says which of the tasks hold a prediction of that version."""
     if not items:
         return set()
     body = [{"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
@@ -167,13 +171,19 @@ def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: S
         return dropped
     failed: set[int] = set()
     for t, p in items:
-        try:
-            ls.predictions.create(task=t, result=p["result"], score=p["score"], model_version=p["model_version"])
+        while True:  # posted again after an outage, unless Label Studio stored it before its answer was lost
+            try:
+                ls.predictions.create(task=t, result=p["result"], score=p["score"], model_version=p["model_version"])
+            except Exception as exc:  # noqa: BLE001 - reported for that task
+                if not is_connection_error(exc):
+                    failed.add(t)
+                    summary.failed[t] = f"post: Label Studio refused the prediction ({exc.__class__.__name__}: " \
+                                        f"{str(exc)[:200]})"
+                    break
+                if t not in stored_after(exc, [t], p["model_version"]):
+                    continue
             summary.predictions += 1
-        except Exception as exc:  # noqa: BLE001 - reported for that task
-            failed.add(t)
-            summary.failed[t] = f"post: Label Studio refused the prediction ({exc.__class__.__name__}: " \
-                                f"{str(exc)[:200]})"
+            break
     return failed
 
 
@@ -286,26 +296,28 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     pending_rows: list[Row] = []
     reconnect = Reconnect(lambda: label_studio_up(ls, project), retry_for, say=bar.write)
 
+    def stored_after(exc: BaseException, ids: list[int], model_version: str) -> set[int]:
+        """Once Label Studio is back from the outage `exc` met, the tasks among `ids` holding a prediction
+        of `model_version`: a post may have been stored before its answer was lost (never post it
+        twice); one whose answer timed out may still be running there: give it time to land."""
+        settle = time.monotonic() + (SETTLE_SECONDS if is_answer_timeout(exc) else 0.0)
+        while True:  # (Label Studio may drop again while its predictions are checked)
+            reconnect.until_back()
+            try:
+                return stored_tasks(ls, ids, model_version, settle)
+            except Exception as again:
+                if not is_connection_error(again):
+                    raise
+
     def flush() -> None:
         while True:
             try:
-                refused = post_predictions(ls, project, pending, summary)
+                refused = post_predictions(ls, project, pending, summary, stored_after)
                 break
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
-                # the import may have been stored before its answer was lost: never post it twice; one
-                # whose answer timed out may still be running there: give it time to land
-                settle = time.monotonic() + (SETTLE_SECONDS if is_answer_timeout(exc) else 0.0)
-                ids = list(dict.fromkeys(t for t, _ in pending))
-                while True:  # (Label Studio may drop again while its predictions are checked)
-                    reconnect.until_back()
-                    try:
-                        stored = stored_tasks(ls, ids, backend.model_version, settle)
-                        break
-                    except Exception as again:
-                        if not is_connection_error(again):
-                            raise
+                stored = stored_after(exc, list(dict.fromkeys(t for t, _ in pending)), backend.model_version)
                 summary.predictions += sum(t in stored for t, _ in pending)
                 pending[:] = [(t, p) for t, p in pending if t not in stored]
         for row in pending_rows:

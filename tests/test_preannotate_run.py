@@ -313,3 +313,31 @@ def test_tasks_deleted_while_the_task_list_is_read_leave_no_other_task_out():
     assert sorted(set(backend.predicted) & set(ls.tasks_by_id)) == [3, 4, 5, 6, 7, 8]
     assert all(versions(ls, t) == [VERSION] for t in ls.tasks_by_id)
     assert sorted(s.failed) == [1, 2]  # listed, then deleted: their predictions could not be posted
+
+
+def test_label_studio_going_away_while_posting_one_by_one_is_waited_for(monkeypatch):
+    """After a refused bulk import the predictions are posted one by one; Label Studio going away
+    there marked the task being posted and every later one "refused". It is now waited for as on
+    the other paths: a prediction stored before its answer was lost is not posted again, one not
+    stored is posted once it is back, and only a task Label Studio answers with a 4xx is refused."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    monkeypatch.setattr(preannotate.Reconnect, "until_back", lambda self: None)
+    ls, backend = FakeLS(tasks(4)), FakeBackend()
+    ls.on_import = refuse_bulk
+    outages = {1: "stored, answer lost", 3: "refused connection"}
+
+    def on_create(p):
+        what = outages.pop(p["task"], None)
+        if what == "stored, answer lost":
+            ls._store(p)
+            raise httpx.RemoteProtocolError("Label Studio went away before answering")
+        if what == "refused connection":
+            raise httpx.ConnectError("Label Studio is restarting")
+        if p["task"] == 2:
+            raise ApiError(status_code=400, body={"result": ["not valid for this task"]})
+    ls.on_create = on_create
+    s = run(backend, ls, batch=4, retry_for=60.0)
+    assert not s.gone and list(s.failed) == [2] and s.failed[2].startswith("post: Label Studio refused")
+    assert s.done == 3 and s.predictions == 3
+    assert [versions(ls, t) for t in (1, 2, 3, 4)] == [[VERSION], [], [VERSION], [VERSION]]  # once each
