@@ -1,6 +1,8 @@
 """Reading a Label Studio labelling config and a task: where the image, the expression and the label are."""
 from __future__ import annotations
 
+import hashlib
+import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +27,16 @@ class Interface:
     label: str  # the brush label our regions carry
     text_field: str | None  # the task data key holding the expression (a Text tag)
     textarea_names: tuple[str, ...]  # TextArea tags whose text, in context, replaces the expression
+
+
+def config_version(model_version: str, interface: Interface) -> str:
+    """The model_version of the predictions made for a labelling config: the model's, then `-cfg` and
+    a short hash of what the predictions depend on in the config (the tags they name, the label they
+    carry, the data fields they read). After an edit of those, the stored predictions no longer show
+    in Label Studio (another from_name, to_name or label): with another version, Retrieve
+    Predictions and a rerun of backend.preannotate predict those tasks again."""
+    parts = [interface.image_name, interface.image_field, interface.brush_name, interface.label, interface.text_field]
+    return f"{model_version}-cfg{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]}"
 
 
 def _field(value: str | None) -> str | None:

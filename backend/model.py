@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from hybridgl.pipeline import PreparedView, Segmentation
 
 from .images import ImageFetcher, LabelStudioConnection, decode_image
 from .outbound import ForbiddenTarget, parse_target
-from .labeling import Hints, Interface, TaskError, parse_config, read_context, task_expression
+from .labeling import Hints, Interface, TaskError, config_version, parse_config, read_context, task_expression
 from .settings import Settings
 
 log = logging.getLogger("backend")
@@ -57,10 +58,14 @@ def alternative_version(version: str, rank: int) -> str:
     return f"{version}-rank{rank}"
 
 
+_OUR_SUFFIX = re.compile(r"(-cfg[0-9a-f]{8})?(-rank[0-9]+)?")
+
+
 def is_our_version(version: Any, model_version: str) -> bool:
-    """The best mask's version or one of its alternatives'."""
-    return isinstance(version, str) and (version == model_version or (
-        version.startswith(model_version + "-rank") and version[len(model_version) + 5:].isdigit()))
+    """The best mask's version or one of its alternatives', for any labelling config (or none: the
+    versions before config_version)."""
+    return isinstance(version, str) and version.startswith(model_version) and \
+        _OUR_SUFFIX.fullmatch(version, len(model_version)) is not None
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
@@ -149,8 +154,9 @@ class HybridGLBackend:
         self._last_connection: LabelStudioConnection | None = None
         self._schemas: OrderedDict[str, str] = OrderedDict()  # labelling configs /setup sent, per project
         self.busy = 0
-        # the best mask's version: the same whatever HYBRIDGL_ALTERNATIVES (the best mask does not
-        # change with it); the alternatives carry alternative_version(...)
+        # the model's version (/health), the same whatever HYBRIDGL_ALTERNATIVES (the best mask does
+        # not change with it); a config's best masks carry config_version(...) of it, the alternatives
+        # alternative_version(...) of that
         self.model_version = model.model_version
 
     # -- label-studio-ml 2.x surface ----------------------------------------------------------------
@@ -189,7 +195,13 @@ class HybridGLBackend:
                 else:
                     log.warning("setup: project %s's labelling config (%d characters) is longer than %d: not kept, "
                                 "/predict must carry it", key, len(schema), MAX_SCHEMA_CHARS)
-        return {"model_version": self.model_version}
+            if not (isinstance(schema, str) and schema.strip()):
+                schema = self._schemas.get(key) if key is not None else None
+        # the version /predict gives this config's predictions: Label Studio asks only for tasks without one
+        try:
+            return {"model_version": config_version(self.model_version, parse_config(schema))}
+        except TaskError:  # no config, or one we cannot predict for (/predict says so per task)
+            return {"model_version": self.model_version}
 
     def _setup_connection(self, hostname: str | None, access_token: str | None) -> LabelStudioConnection:
         env = self.fetcher.default
@@ -284,7 +296,8 @@ class HybridGLBackend:
             self.counters.add("tasks.ok")
         except TaskError as exc:
             outcome.error = exc
-            outcome.predictions = [self.failure_prediction(exc)] if exc.kind in TASK_FAILURES and context is None else []
+            outcome.predictions = [self.failure_prediction(exc, interface)] \
+                if exc.kind in TASK_FAILURES and context is None else []
             self.counters.add(f"errors.{exc.kind}")
             log.warning("task %s: %s: %s", task_id, exc.kind, exc)
         except Exception as exc:  # a bug or an unexpected input must not fail the batch
@@ -317,7 +330,8 @@ class HybridGLBackend:
         h, w = view.output_size
         if seg.mask is None:  # no proposal at all: an empty prediction, scored 0 (sorts first for review)
             self.counters.add("predictions.empty")
-            outcome.predictions = [{"result": [], "score": 0.0, "model_version": self.model_version}]
+            version = config_version(self.model_version, interface)
+            outcome.predictions = [{"result": [], "score": 0.0, "model_version": version}]
             return
         # the editor shows one suggestion for an interactive request (Label Studio sends a context
         # object there, possibly empty; batch retrieval sends none); batch retrieval gets alternatives
@@ -338,15 +352,16 @@ class HybridGLBackend:
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [interface.label]},
             "score": float(score), "readonly": False,
         }
-        version = self.model_version if rank == 1 else alternative_version(self.model_version, rank)
+        version = config_version(self.model_version, interface)
+        version = version if rank == 1 else alternative_version(version, rank)
         return {"result": [region], "score": float(score), "model_version": version}
 
-    def failure_prediction(self, error: TaskError) -> dict:
+    def failure_prediction(self, error: TaskError, interface: Interface) -> dict:
         """The empty prediction, scored 0, that records a task HybridGL cannot predict in Label Studio:
         the task sorts first in the Data Manager's score column, the review queue serves it first,
         and Label Studio does not ask again on every opening. `reason` says why (Label Studio keeps
         only result, score and model_version; the reason is logged, counted and reported)."""
-        return {"result": [], "score": 0.0, "model_version": self.model_version,
+        return {"result": [], "score": 0.0, "model_version": config_version(self.model_version, interface),
                 "reason": f"{error.kind}: {error}"}
 
     # -- the prepared-image cache ---------------------------------------------------------------------

@@ -5,9 +5,10 @@
         [--unreviewed]
 
 Pages through the project's tasks (label-studio-sdk), skips those already holding a prediction of
-this backend's model_version, groups the rest by image (one SAM pass per image: the backend's
+this backend's model_version for the project's labelling config (labeling.config_version: an edit of
+its tags or label makes another), groups the rest by image (one SAM pass per image: the backend's
 prepared-image cache serves its other expressions), runs HybridGL and posts the predictions with
-the backend's model_version through Label Studio's API, one batch at a time. A failing task
+that version through Label Studio's API, one batch at a time. A failing task
 (missing image, no expression, ...) is reported and skipped; an interrupted run loses at most one
 batch of work, and rerunning it finishes the rest without duplicates. A task whose image or
 expression is unusable gets an empty prediction scored 0 (it sorts first for review). At the end
@@ -46,7 +47,7 @@ from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from
 from hybridgl.prefetch import prefetch
 
 from . import logsafe
-from .labeling import Interface, TaskError, parse_config
+from .labeling import Interface, TaskError, config_version, parse_config
 from .reconnect import CONNECTION_KINDS, LabelStudioGone, Reconnect, is_connection_error, label_studio_up
 from .settings import Settings, SettingsError
 
@@ -259,9 +260,12 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     from tqdm import tqdm
 
     started = time.time()
-    summary = Summary(model_version=backend.model_version)
     config = _as_dict(ls.projects.get(id=project)).get("label_config")
     interface = parse_config(config)  # TaskError("config") when the project cannot be pre-annotated
+    # the version of the predictions (the backend's /predict gives them the same): it changes with
+    # the parts of the config they depend on, so that a rerun after such an edit predicts again
+    version = config_version(backend.model_version, interface)
+    summary = Summary(model_version=version)
     # only what the run needs is kept: not the predictions' and annotations' masks (memory)
     tasks = [{"id": t.get("id"), "data": t.get("data"),
               "predictions": [{"model_version": _as_dict(p).get("model_version"), "score": _as_dict(p).get("score")}
@@ -274,12 +278,12 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     for task in tasks:
         if unreviewed and task["reviewed"]:
             summary.reviewed += 1
-        elif has_prediction(task, backend.model_version):
+        elif has_prediction(task, version):
             summary.skipped += 1
             data = task.get("data") or {}
             rows[task["id"]] = Row(task["id"], str(data.get(interface.image_field, "")),
                                    str(data.get(interface.text_field, "") if interface.text_field else ""),
-                                   existing_score(task, backend.model_version), None, "existing")
+                                   existing_score(task, version), None, "existing")
         else:
             todo.append(task)
     todo = group_by_image(todo, interface)
@@ -287,7 +291,7 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         summary.not_reached = max(len(todo) - limit, 0)
         todo = todo[:limit]
     print(f"project {project}: {summary.total} tasks, {summary.skipped} already pre-annotated by "
-          f"{backend.model_version}, " + (f"{summary.reviewed} reviewed left alone, " if unreviewed else "")
+          f"{version}, " + (f"{summary.reviewed} reviewed left alone, " if unreviewed else "")
           + f"{len(todo)} to do over {len({_image_key(t, interface) for t in todo})} "
           "images", file=out, flush=True)
     connections = backend.connections_for()
@@ -317,7 +321,7 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
-                stored = stored_after(exc, list(dict.fromkeys(t for t, _ in pending)), backend.model_version)
+                stored = stored_after(exc, list(dict.fromkeys(t for t, _ in pending)), version)
                 summary.predictions += sum(t in stored for t, _ in pending)
                 pending[:] = [(t, p) for t, p in pending if t not in stored]
         for row in pending_rows:
@@ -395,13 +399,13 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         bar.close()
     reachable = not summary.gone  # else Label Studio is away: the rerun makes the project ready
     if reachable and (summary.skipped or summary.predictions):  # LS accepts only a version it holds predictions of
-        ready_for_review(ls, project, backend.model_version if set_version else None, sampling, out)
+        ready_for_review(ls, project, version if set_version else None, sampling, out)
     elif reachable and sampling:
         print("no prediction of this version in the project: sampling left unchanged", file=out)
     summary.seconds = time.time() - started
     summary.prepared_images = backend.counters.snapshot().get("cache.misses", 0) - misses_before
     if report is not None:
-        write_report(report, list(rows.values()), backend.model_version)
+        write_report(report, list(rows.values()), version)
         print(f"report: {report / 'scores.csv'}, {report / 'score_histogram.png'}", file=out)
     print_summary(summary, out)
     return summary

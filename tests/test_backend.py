@@ -19,7 +19,7 @@ from PIL import Image
 
 from backend._wsgi import create_app
 from backend.images import decode_image
-from backend.labeling import TaskError, parse_config
+from backend.labeling import TaskError, config_version, parse_config
 from backend.model import HybridGLBackend, is_our_version
 from backend.settings import Settings
 
@@ -133,7 +133,16 @@ def test_health_setup_webhook_metrics(client):
     assert c.get("/").get_json() == health
     first = c.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json()
     second = c.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json()
-    assert first == second == {"model_version": health["model_version"]}
+    # the version of the config's predictions (Label Studio asks only for tasks without one)
+    assert first == second == {"model_version": config_version(health["model_version"], parse_config(CONFIG))}
+    assert c.post("/setup", json={"project": "1.1"}).get_json() == first  # the config it keeps for the project
+    # a config edit that hides the stored predictions (another label, a renamed tag): another version
+    for edited in (CONFIG.replace('BrushLabels name="mask"', 'BrushLabels name="brush"'),
+                   CONFIG.replace("<BrushLabels ", '<BrushLabels hybridgl_label="Other" ')):
+        version = c.post("/setup", json={"project": "1.1", "schema": edited}).get_json()["model_version"]
+        assert version.startswith(health["model_version"] + "-cfg") and version != first["model_version"]
+    assert c.post("/setup", json={"project": "9.1", "schema": "<View/>"}).get_json() == \
+        {"model_version": health["model_version"]}  # a config it cannot predict for: the model's
     for action in ("ANNOTATION_CREATED", "PROJECT_UPDATED", "START_TRAINING", "whatever"):
         assert c.post("/webhook", json={"action": action}).status_code == 200
     assert c.get("/metrics").get_json()["counts"]["webhook.START_TRAINING"] == 1
@@ -142,7 +151,7 @@ def test_health_setup_webhook_metrics(client):
 def test_prediction_matches_the_library(client, model):
     backend, c = client
     (result,) = predict(c, [task(1)])
-    assert result["model_version"] == backend.model_version
+    assert result["model_version"] == config_version(backend.model_version, parse_config(CONFIG))
     (region,) = result["result"]
     assert region["type"] == "brushlabels" and region["from_name"] == "mask" and region["to_name"] == "image"
     assert region["value"]["brushlabels"] == ["Target"] and region["image_rotation"] == 0
@@ -163,7 +172,7 @@ def test_batch_order_shared_image_cache_and_bad_tasks(client):
     assert len(results) == len(tasks)
     ok = [i for i, r in enumerate(results) if "error" not in r]
     assert ok == [0, 2, 3]
-    version = backend.model_version
+    version = config_version(backend.model_version, parse_config(CONFIG))
     for i in ok:
         assert len(results[i]["result"]) == 1 and results[i]["score"] > 0 and results[i]["model_version"] == version
     # a failure of the task's own data is an empty prediction scored 0 of our version, which Label
@@ -228,10 +237,12 @@ def test_alternatives_and_interactive_context(model, ls):
     assert isinstance(preds, list) and len(preds) == 3
     # worst first, best last (the editor lists the newest first); only the best has the version
     # Label Studio's score column averages, the others are told apart by rank
-    v = backend.model_version
+    model_v, v = backend.model_version, config_version(backend.model_version, parse_config(CONFIG))
     assert [p["model_version"] for p in preds] == [v + "-rank3", v + "-rank2", v]
-    assert [is_our_version(p["model_version"], v) for p in preds] == [True] * 3
-    assert not is_our_version(v + "-rank", v) and not is_our_version("x" + v, v) and not is_our_version(None, v)
+    assert [is_our_version(p["model_version"], model_v) for p in preds] == [True] * 3
+    assert is_our_version(model_v, model_v) and is_our_version(model_v + "-rank2", model_v)  # before config_version
+    assert not is_our_version(v + "-rank", model_v) and not is_our_version("x" + v, model_v)
+    assert not is_our_version(model_v + "-cfg", model_v) and not is_our_version(None, model_v)
     preds = preds[::-1]
     masks = [decoded(p["result"][0]) for p in preds]
     assert not np.array_equal(masks[0], masks[1])
@@ -664,7 +675,8 @@ def test_the_reusable_path_takes_any_image_source(model):
              {"id": 3, "data": {"image": "b", "text": "the chair"}}]
     ok, missing, ok2 = backend.predict_tasks(tasks, parse_config(CONFIG), fetch=fetch)
     assert ok.ok and not missing.ok and missing.error.kind == "missing_image" and ok2.ok
-    assert missing.predictions == [{"result": [], "score": 0.0, "model_version": backend.model_version,
+    assert missing.predictions == [{"result": [], "score": 0.0,
+                                    "model_version": config_version(backend.model_version, parse_config(CONFIG)),
                                     "reason": "missing_image: no zz"}]
     assert missing.to_label_studio() == {**missing.predictions[0], "error": "no zz", "kind": "missing_image",
                                          "task": 2}

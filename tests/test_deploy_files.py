@@ -351,6 +351,8 @@ def test_backend_starts_as_the_image_starts_it(tmp_path):
     from harness import free_port
     from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
 
+    from backend.labeling import config_version, parse_config
+
     checkpoint = save_tiny_sam(tmp_path / "tiny_sam.pth")
     (tmp_path / "config.json").write_text(json.dumps(PERMISSIVE))
     port, auth = free_port(), ("ls", "s3cret")
@@ -407,7 +409,7 @@ def test_backend_starts_as_the_image_starts_it(tmp_path):
                 "label_config": "<View><Image name='image' value='$image'/><Text name='t' value='$text'/>"
                                 "<BrushLabels name='m' toName='image'><Label value='A'/></BrushLabels></View>"}
         (result,) = json.load(get(f"{base}/predict", auth, json.dumps(body).encode(), timeout=120))["results"]
-        assert result["model_version"] == health["model_version"]
+        assert result["model_version"] == config_version(health["model_version"], parse_config(body["label_config"]))
         assert result["result"][0]["value"]["brushlabels"] == ["A"]
         time.sleep(0.2)
         text = (tmp_path / "gunicorn.log").read_text(errors="replace")

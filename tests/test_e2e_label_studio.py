@@ -20,6 +20,7 @@ import torch
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from backend.labeling import config_version, parse_config
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
@@ -107,14 +108,15 @@ def test_label_studio_retrieves_our_predictions(stack, library):
                                     "is_interactive": True})
     assert ml["state"] == "CO", ml
     health = json.load(urlopen(backend.url + "/health", timeout=10))
-    assert ls.api("GET", f"/api/ml/{ml['id']}")["model_version"] == health["model_version"]
+    version = config_version(health["model_version"], parse_config(CONFIG))  # its predictions' for CONFIG
+    assert ls.api("GET", f"/api/ml/{ml['id']}")["model_version"] == version  # from /setup
 
     retrieve(ls, project, task_ids)
     predictions = {t: predictions_of(ls, t) for t in task_ids}
     for t, image, text in zip(task_ids[:3], (IMAGE_A, IMAGE_A, IMAGE_B), texts[:3]):
         assert len(predictions[t]) == 1, predictions[t]
         pred = predictions[t][0]
-        assert pred["model_version"] == health["model_version"]
+        assert pred["model_version"] == version
         (region,) = pred["result"]
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Target"]
         assert (region["from_name"], region["to_name"], region["image_rotation"]) == ("mask", "image", 0)
@@ -127,7 +129,7 @@ def test_label_studio_retrieves_our_predictions(stack, library):
         assert region["score"] == pytest.approx(seg.score, abs=1e-6)
     # the task whose image is missing gets the failure prediction: empty, score 0, stored once
     (failed,) = predictions[task_ids[3]]
-    assert (failed["result"], failed["score"], failed["model_version"]) == ([], 0.0, health["model_version"])
+    assert (failed["result"], failed["score"], failed["model_version"]) == ([], 0.0, version)
     assert ls.api("GET", f"/api/tasks/{task_ids[0]}")["total_predictions"] == 1
 
     # Connect Model made the project's version the model's title, which no prediction carries: Label
@@ -139,7 +141,7 @@ def test_label_studio_retrieves_our_predictions(stack, library):
 
     assert ls.api("GET", f"/api/projects/{project}")["model_version"] == "hybridgl"
     assert set(dm_scores().values()) == {None}
-    ls.api("PATCH", f"/api/projects/{project}", {"model_version": health["model_version"]})
+    ls.api("PATCH", f"/api/projects/{project}", {"model_version": version})
     assert dm_scores() == pytest.approx({t: predictions[t][0]["score"] for t in task_ids})
     assert dm_scores()[task_ids[3]] == 0.0
 
@@ -184,8 +186,9 @@ def test_alternatives_and_config_attributes(stack, library):
     ml = ls.api("POST", "/api/ml", {"url": backend.url, "project": project, "title": "hybridgl-alt2",
                                     "is_interactive": False})
     assert ml["state"] == "CO", ml
-    version = json.load(urlopen(backend.url + "/health", timeout=10))["model_version"]
-    assert version == library.model_version  # the best mask's version, whatever the alternatives
+    model_version = json.load(urlopen(backend.url + "/health", timeout=10))["model_version"]
+    assert model_version == library.model_version  # the same whatever the alternatives
+    version = config_version(model_version, parse_config(CONFIG_ALT))  # the best mask's
 
     retrieve(ls, project, [task])
     preds = predictions_of(ls, task)

@@ -22,6 +22,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
+from backend.labeling import config_version, parse_config
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
@@ -121,11 +122,12 @@ def metrics(backend: Backend) -> dict:
 def test_preannotate_a_project_then_rerun_adds_nothing(stack):
     ls, backend, env, work = stack
     project, good, bad = new_project(ls)
-    version = version_of(backend)
     report = work / "report"
 
-    ls.api("POST", "/api/ml", {"url": backend.url, "project": project, "title": "hybridgl"})  # Connect Model
+    ml = ls.api("POST", "/api/ml", {"url": backend.url, "project": project, "title": "hybridgl"})  # Connect Model
     assert ls.api("GET", f"/api/projects/{project}")["model_version"] == "hybridgl"  # the title: no score shows
+    version = ls.api("GET", f"/api/ml/{ml['id']}")["model_version"]  # the backend's /setup, for this config
+    assert version == config_version(version_of(backend), parse_config(CONFIG))
     rc, out, err = preannotate(ls, env, project, "--batch", "6", "--report", str(report), "--sampling", "uncertainty")
     assert rc == 1, err[-3000:]  # some tasks failed, the rest were done
     s = summary_of(out)
@@ -261,3 +263,22 @@ def test_interrupted_run_resumes_without_duplicates(stack):
     s = summary_of(out)
     assert s["skipped"] == len(partial) and s["done"] == 20 - len(partial) and s["failed"] == 0, s
     assert {t: len(p) for t, p in predictions_by_task(ls, project).items()} == {t: 1 for t in good}
+
+
+def test_a_rerun_after_the_labelling_config_was_edited_predicts_again(stack):
+    """Renaming the BrushLabels tag hides the stored predictions in Label Studio (they name the old
+    tag): the rerun must predict the tasks again under the new config's version, not skip them."""
+    ls, _, env, _ = stack
+    project, good, _ = new_project(ls, broken=False)
+    rc, out, err = preannotate(ls, env, project, "--no-progress")
+    assert rc == 0, err[-3000:]
+    first = summary_of(out)
+    ls.api("PATCH", f"/api/projects/{project}", {"label_config": CONFIG.replace('name="mask"', 'name="brush"')})
+    rc, out, err = preannotate(ls, env, project, "--no-progress")
+    assert rc == 0, err[-3000:]
+    s = summary_of(out)
+    assert (s["done"], s["skipped"], s["failed"]) == (20, 0, 0) and s["model_version"] != first["model_version"], s
+    assert ls.api("GET", f"/api/projects/{project}")["model_version"] == s["model_version"]
+    for task_id, preds in predictions_by_task(ls, project).items():  # the project's version: the renamed tag
+        (new,) = [p for p in preds if p["model_version"] == s["model_version"]]
+        assert [r["from_name"] for r in new["result"]] == ["brush"], (task_id, new)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import httpx
 
 from backend import preannotate
-from backend.labeling import TaskError
+from backend.labeling import TaskError, config_version, parse_config
 from backend.model import Counters, TaskOutcome
 
 CONFIG = """<View>
@@ -16,7 +16,8 @@ CONFIG = """<View>
   <Text name="expr" value="$text"/>
   <BrushLabels name="mask" toName="image"><Label value="Target"/></BrushLabels>
 </View>"""
-VERSION = "hybridgl-test"
+VERSION = "hybridgl-test"  # the model's
+POSTED = config_version(VERSION, parse_config(CONFIG))  # its predictions' for CONFIG
 
 
 class FakeLS:
@@ -30,8 +31,10 @@ class FakeLS:
         self.on_import = None  # called with the body before storing (may raise)
         self.on_create = None
         self.on_list = None  # called with each page of the task list once it is read
+        self.config = CONFIG  # the project's labelling config
+        self.project: dict = {}  # the fields the run set on the project (model_version, sampling)
         ls = self
-        self.projects = SimpleNamespace(get=self._get, update=lambda id, **f: None,
+        self.projects = SimpleNamespace(get=self._get, update=lambda id, **f: self.project.update(f),
                                         import_predictions=self._import)
         self.tasks = SimpleNamespace(list=self._list)
         self.predictions = SimpleNamespace(create=self._create,
@@ -43,7 +46,7 @@ class FakeLS:
 
     def _get(self, id):
         self._check()
-        return {"id": id, "label_config": CONFIG}
+        return {"id": id, "label_config": self.config}
 
     def _list(self, project, page, page_size, fields, query=None):
         """Label Studio's paging: by offset (page, page_size) over the tasks by id, after the Data
@@ -112,17 +115,20 @@ class FakeBackend:
         return b"image"
 
     def predict_task(self, task, interface, fetch=None):
+        version = config_version(self.model_version, interface)  # as HybridGLBackend names them
         self.predicted.append(task["id"])
         if self.on_predict:
             self.on_predict(task)
         data = task["data"]
         if "fail" in data:
             err = TaskError(data["fail"], "bad")
-            return TaskOutcome(task["id"], [{"result": [], "score": 0.0, "model_version": VERSION}], err)
+            return TaskOutcome(task["id"], [{"result": [], "score": 0.0, "model_version": version}], err)
         fetch(data["image"], task["id"])
         score = data.get("score", 0.5)
-        preds = [{"result": [{"rank": r}], "score": score - r / 100,
-                  "model_version": VERSION if r == 0 else f"{VERSION}-rank{r + 1}"} for r in range(self.alternatives)]
+        region = {"from_name": interface.brush_name, "to_name": interface.image_name,
+                  "value": {"brushlabels": [interface.label]}}
+        preds = [{"result": [dict(region, rank=r)], "score": score - r / 100,
+                  "model_version": version if r == 0 else f"{version}-rank{r + 1}"} for r in range(self.alternatives)]
         ranking = [{"score": score, "index": 0}, {"score": score - 0.1, "index": 1}]
         return TaskOutcome(task["id"], preds, None, data.get("text"), SimpleNamespace(ranking=ranking))
 
@@ -170,11 +176,11 @@ def test_a_rerun_after_a_task_was_half_posted_adds_only_its_missing_predictions(
             raise KeyboardInterrupt  # SIGTERM, as main() turns it
     ls.on_create = kill_at_second_create
     assert run(backend, ls, batch=2).interrupted
-    assert versions(ls, 1) == [f"{VERSION}-rank2"]  # rank 2 posted first (the best mask goes last)
+    assert versions(ls, 1) == [f"{POSTED}-rank2"]  # rank 2 posted first (the best mask goes last)
     ls.on_import = ls.on_create = None
     s = run(backend, ls, batch=2)
     assert s.done == 2 and not s.failed
-    assert versions(ls, 1) == versions(ls, 2) == [VERSION, f"{VERSION}-rank2"]
+    assert versions(ls, 1) == versions(ls, 2) == [POSTED, f"{POSTED}-rank2"]
 
 
 def test_label_studio_dropping_again_while_the_run_checks_what_was_stored_is_waited_for(monkeypatch):
@@ -199,7 +205,7 @@ def test_label_studio_dropping_again_while_the_run_checks_what_was_stored_is_wai
     ls.predictions.list = flaky_list
     s = run(backend, ls, batch=3, retry_for=60.0)
     assert s.done == 3 and not s.failed and not s.gone
-    assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))
+    assert all(versions(ls, t) == [POSTED] for t in (1, 2, 3))
 
 
 def test_predictions_label_studio_silently_drops_are_reported_failed_not_done():
@@ -294,7 +300,7 @@ def test_an_import_that_timed_out_and_lands_later_is_not_posted_twice(monkeypatc
     ls.predictions.list = listing
     s = run(backend, ls, batch=3, retry_for=60.0)
     assert s.done == 3 and not s.failed
-    assert all(versions(ls, t) == [VERSION] for t in (1, 2, 3))  # once each
+    assert all(versions(ls, t) == [POSTED] for t in (1, 2, 3))  # once each
     assert len(ls.imports) == 0  # nothing posted again: the late import holds them
 
 
@@ -311,7 +317,7 @@ def test_tasks_deleted_while_the_task_list_is_read_leave_no_other_task_out():
     ls.on_list = delete_the_first_two
     s = run(backend, ls, batch=3)
     assert sorted(set(backend.predicted) & set(ls.tasks_by_id)) == [3, 4, 5, 6, 7, 8]
-    assert all(versions(ls, t) == [VERSION] for t in ls.tasks_by_id)
+    assert all(versions(ls, t) == [POSTED] for t in ls.tasks_by_id)
     assert sorted(s.failed) == [1, 2]  # listed, then deleted: their predictions could not be posted
 
 
@@ -340,4 +346,28 @@ def test_label_studio_going_away_while_posting_one_by_one_is_waited_for(monkeypa
     s = run(backend, ls, batch=4, retry_for=60.0)
     assert not s.gone and list(s.failed) == [2] and s.failed[2].startswith("post: Label Studio refused")
     assert s.done == 3 and s.predictions == 3
-    assert [versions(ls, t) for t in (1, 2, 3, 4)] == [[VERSION], [], [VERSION], [VERSION]]  # once each
+    assert [versions(ls, t) for t in (1, 2, 3, 4)] == [[POSTED], [], [POSTED], [POSTED]]  # once each
+
+
+def test_a_rerun_after_the_labelling_config_was_edited_predicts_again():
+    """Predictions name the config's tags and carry its label: once the BrushLabels tag is renamed or
+    the label changed, Label Studio no longer shows them. The rerun skipped every task that held a
+    prediction of the model's version all the same; the version now depends on those parts of the
+    config, so the rerun predicts again, and an unchanged config still skips everything."""
+    ls, backend = FakeLS(tasks(3)), FakeBackend()
+    first = run(backend, ls, batch=3)
+    assert first.done == 3 and ls.project["model_version"] == first.model_version
+    again = run(backend, ls, batch=3)
+    assert (again.done, again.skipped, again.model_version) == (0, 3, first.model_version)
+
+    for edit in [('name="mask"', 'name="brush"'), ('value="Target"', 'value="Object"')]:  # tag renamed, label changed
+        ls.config = ls.config.replace(*edit)
+        s = run(backend, ls, batch=3)
+        assert (s.done, s.skipped) == (3, 0) and ls.project["model_version"] == s.model_version
+        # the predictions of the project's version, those Label Studio shows, name the config's tags now
+        shown = [p for t in (1, 2, 3) for p in ls.predictions_of(t) if p["model_version"] == s.model_version]
+        now = parse_config(ls.config)
+        assert len(shown) == 3 and all((r["from_name"], r["to_name"], r["value"]["brushlabels"]) == (
+            now.brush_name, now.image_name, [now.label]) for p in shown for r in p["result"])
+        assert run(backend, ls, batch=3).skipped == 3  # and a rerun of the same config adds nothing
+    assert s.model_version.startswith(VERSION + "-")  # readable: the model's version, then the config's part

@@ -28,6 +28,7 @@ import torch
 from ray_local import driver_environment, ray, ray_address  # noqa: F401 (ray_address: a fixture)
 
 from backend._wsgi import create_app
+from backend.labeling import config_version, parse_config
 from backend.serve import APP_NAME, INGRESS, MODEL, REPLICA_HEADER, ServeOptions, build_app
 from backend.settings import Settings
 from test_backend import CONFIG, IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio, task
@@ -260,7 +261,7 @@ def test_health_and_predict_answer_what_the_flask_app_answers(url, flask_client)
     results = answer["results"]
     assert [("error" in r) for r in results] == [False, False, False, True, True, True]
     assert [r.get("kind") for r in results[3:]] == ["missing_image", "bad_image", "no_expression"]
-    assert all(r["model_version"] == health["model_version"] for r in results)
+    assert all(r["model_version"] == config_version(health["model_version"], parse_config(CONFIG)) for r in results)
     assert results[0]["result"][0]["value"]["format"] == "rle" and results[0]["score"] > 0
     # the bad tasks hurt nothing: the next request is served
     status, _, again = call(url + "/predict", body([task(7, "b.png", "the chair")]), auth())

@@ -19,6 +19,7 @@ from ray_local import ray, ray_address  # noqa: F401 (ray_address: a fixture)
 from test_e2e_label_studio import CONFIG, IMAGE_A, IMAGE_B, decode, library, new_project, predictions_of, retrieve  # noqa: F401
 from test_ray_serve import auth, call, wait_healthy
 
+from backend.labeling import config_version, parse_config
 from backend.serve import APP_NAME, ServeOptions, build_app
 from backend.settings import Settings
 from harness import LabelStudio, free_port, require_label_studio
@@ -80,7 +81,7 @@ def test_label_studio_gets_predictions_through_serve(stack, library):
         retrieve(ls, project, [t])
     for t, image, text in zip(task_ids, images, texts):
         (pred,) = predictions_of(ls, t)
-        assert pred["model_version"] == health["model_version"]
+        assert pred["model_version"] == config_version(health["model_version"], parse_config(CONFIG))
         (region,) = pred["result"]
         seg = library.segment(library.prepare(Image.open(io.BytesIO(image))), text)
         np.testing.assert_array_equal(decode(region), seg.mask)

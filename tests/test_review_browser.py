@@ -34,6 +34,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from backend.labeling import config_version, parse_config
 from tiny_models import GOLDEN_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
@@ -98,7 +99,8 @@ def review(tmp_path_factory):
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert run.returncode == 1, run.stderr[-3000:]  # one task failed (its image is missing), the rest done
         summary = json.loads(run.stdout.strip().splitlines()[-1])
-        version = json.load(urlopen(backend.url + "/health", timeout=10))["model_version"]
+        version = config_version(json.load(urlopen(backend.url + "/health", timeout=10))["model_version"],
+                                 parse_config(readme_config()))  # the backend's, for this config
         assert summary["model_version"] == version and summary["done"] == 3 and summary["failed"] == 1
 
         browser = Browser()
