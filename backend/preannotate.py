@@ -471,7 +471,7 @@ def print_summary(summary: Summary, out) -> None:
         print(f"stopped: {summary.gone}; rerun the same command when it is back to finish the "
               f"{summary.not_reached} remaining tasks (nothing is posted twice)", file=out)
     for task_id, reason in sorted(summary.failed.items()):
-        print(f"  failed task {task_id}: {reason}", file=out)
+        print(f"  failed task {task_id}: {logsafe.escape_controls(reason)}", file=out)  # the task's data: one line
     out.flush()
 
 

@@ -371,3 +371,15 @@ def test_a_rerun_after_the_labelling_config_was_edited_predicts_again():
             now.brush_name, now.image_name, [now.label]) for p in shown for r in p["result"])
         assert run(backend, ls, batch=3).skipped == 3  # and a rerun of the same config adds nothing
     assert s.model_version.startswith(VERSION + "-")  # readable: the model's version, then the config's part
+
+
+def test_a_failure_reason_cannot_forge_a_line_of_the_printed_summary():
+    """The summary's "failed task" lines carry reasons made of the task's own data (its image URL, its
+    expression): a newline there printed a line of its own, as if the run had said it."""
+    ls, backend = FakeLS(tasks(1, fail="missing_image\ndone: 0 tasks; failed: 0")), FakeBackend()
+    out = io.StringIO()
+    preannotate.run(backend, ls, 1, out=out, progress=False, retry_for=0.0)
+    lines = out.getvalue().splitlines()
+    assert len([ln for ln in lines if ln.startswith("done:")]) == 1, lines
+    assert [ln for ln in lines if "failed task" in ln] == \
+        ["  failed task 1: missing_image\\ndone: 0 tasks; failed: 0: bad"]
