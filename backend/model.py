@@ -61,6 +61,11 @@ def alternative_version(version: str, rank: int) -> str:
 _OUR_SUFFIX = re.compile(r"(-cfg[0-9a-f]{8})?(-rank[0-9]+)?")
 
 
+def labelling_config_of(version: str, model_version: str) -> str:
+    """The config part ("-cfg..." or "") of one of our versions (is_our_version holds)."""
+    return _OUR_SUFFIX.fullmatch(version, len(model_version)).group(1) or ""
+
+
 def is_our_version(version: Any, model_version: str) -> bool:
     """The best mask's version or one of its alternatives', for any labelling config (or none: the
     versions before config_version)."""

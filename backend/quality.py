@@ -8,7 +8,8 @@ that webhook itself when the ML backend is connected). For each, the tracker
 2. finds our prediction for the task: it asks Label Studio (`GET /api/predictions?task=ID`, with
    the token of /setup or LABEL_STUDIO_API_KEY) and takes the annotation's parent prediction when
    it is one of ours, else our best-scored prediction of the backend's model_version (so
-   predictions posted by `backend.preannotate` on another machine count too),
+   predictions posted by `backend.preannotate` on another machine count too) for the latest
+   labelling config the task was predicted for (an edit of the config leaves stale ones behind),
 3. stores the pair's numbers (IoU, intersection, union, our score) in SQLite under MODEL_DIR
    (`MODEL_DIR/quality.sqlite3`, one row per annotation: an update replaces it).
 
@@ -373,7 +374,7 @@ class QualityTracker:
         if not isinstance(task_id, int):
             raise QualityError("bad_payload", "the webhook names no task")
         project = project_of(payload)
-        from .model import is_our_version
+        from .model import is_our_version, labelling_config_of
 
         # the annotation's parent may be an alternative (its own version); else the best mask is ours
         predictions = [p for p in self.predictions_of(task_id, project)
@@ -382,7 +383,11 @@ class QualityTracker:
             raise QualityError("no_prediction", f"task {task_id} has no prediction of {self.model_version}")
         parent = annotation.get("parent_prediction")
         ours = next((p for p in predictions if parent is not None and p.get("id") == parent), None)
-        ours = ours or max(predictions, key=lambda p: (p.get("score") or 0.0, -(p.get("id") or 0)))
+        if ours is None:  # our best mask, for the latest labelling config: an edit leaves stale ones behind
+            latest = labelling_config_of(max(predictions, key=lambda p: p.get("id") or 0)["model_version"],
+                                         self.model_version)
+            ours = max((p for p in predictions if labelling_config_of(p["model_version"], self.model_version) == latest),
+                       key=lambda p: (p.get("score") or 0.0, -(p.get("id") or 0)))
         numbers = compare(annotation.get("result"), ours.get("result"))
         score = ours.get("score")
         self.store.record(annotation["id"], task_id, project if isinstance(project, int) else None,

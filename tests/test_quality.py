@@ -274,3 +274,22 @@ def test_a_label_studio_that_stays_away_blocks_neither_other_projects_nor_the_qu
         assert sorted(r["annotation_id"] for r in tracker.store.rows()) == [2, 3]
     finally:
         tracker.drain(1)
+
+
+def test_without_a_parent_the_tracker_compares_with_the_latest_configs_best_mask(tmp_path):
+    """After a labelling-config edit a task holds our predictions for the old config (which Label Studio
+    no longer shows) beside the new ones; an annotation that names no parent is compared with the
+    best mask of the latest config's predictions, not with a better-scored stale one."""
+    old, new = box(0, 4, 0, 10), box(4, 8, 0, 10)
+    predictions = {7: [{"id": 1, "model_version": "v1-cfg0000aaaa", "score": 0.9, "result": [region(old, name="m")]},
+                       {"id": 2, "model_version": "v1-cfg0000aaaa-rank2", "score": 0.8, "result": [region(new, name="m")]},
+                       {"id": 5, "model_version": "v1-cfg1111bbbb", "score": 0.6, "result": [region(new)]},
+                       {"id": 6, "model_version": "v1-cfg1111bbbb-rank2", "score": 0.5, "result": [region(old)]}]}
+    tracker = QualityTracker(QualityStore(tmp_path / "q.sqlite3"), "v1", lambda task, project: predictions[task])
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 7},
+               "annotation": {"id": 9, "task": 7, "result": [region(new)]}}
+    assert tracker.process(payload)["iou"] == 1.0
+    payload["annotation"].update(id=10, parent_prediction=2)  # a parent of ours still counts, whatever its config
+    tracker.process(payload)
+    rows = tracker.store.rows("v1")
+    assert [(r["annotation_id"], r["prediction_id"]) for r in rows] == [(9, 5), (10, 2)]
