@@ -105,6 +105,10 @@ def _as_dict(item: Any) -> dict:
     return dict(item)
 
 
+class UnsupportedLabelStudio(RuntimeError):
+    """Label Studio answers, but not as the run needs (too old, or a proxy rewrote the request)."""
+
+
 def iter_tasks(ls, project: int, page_size: int) -> Iterator[dict]:
     """Every task of the project with its predictions (fields=all), page by page, by ascending id.
 
@@ -122,7 +126,8 @@ def iter_tasks(ls, project: int, page_size: int) -> Iterator[dict]:
             return
         ids = [t.get("id") for t in items]
         if not all(isinstance(i, int) and i > last for i in ids):  # else the same page would come forever
-            raise RuntimeError(f"Label Studio ignored the filter on task ids when listing project {project}'s tasks")
+            raise UnsupportedLabelStudio(f"Label Studio ignored the filter on task ids when listing project "
+                                         f"{project}'s tasks (its Data Manager query): cannot page through them")
         yield from items
         last = max(ids)
 
@@ -611,7 +616,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RayUnavailable as exc:
+    except (RayUnavailable, UnsupportedLabelStudio) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

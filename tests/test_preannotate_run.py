@@ -383,3 +383,24 @@ def test_a_failure_reason_cannot_forge_a_line_of_the_printed_summary():
     assert len([ln for ln in lines if ln.startswith("done:")]) == 1, lines
     assert [ln for ln in lines if "failed task" in ln] == \
         ["  failed task 1: missing_image\\ndone: 0 tasks; failed: 0: bad"]
+
+
+def test_a_label_studio_that_ignores_the_task_id_filter_ends_the_run_with_a_message(monkeypatch, capsys):
+    """An older or proxied Label Studio that drops the Data Manager query would serve the first page
+    forever: the run stops with a message and exit status 2, not a traceback."""
+    import label_studio_sdk
+
+    from backend.settings import Settings
+
+    ls = FakeLS(tasks(3))
+    listing = ls._list
+    ls.tasks = SimpleNamespace(list=lambda project, page, page_size, fields, query=None:
+                               listing(project, page, page_size, fields))
+    monkeypatch.setattr(label_studio_sdk, "LabelStudio", lambda base_url, api_key: ls)
+    backend = FakeBackend()
+    backend.settings = Settings()
+    code = preannotate.main(["--url", "http://ls.invalid", "--api-key", "k", "--project", "1", "--no-progress"],
+                            backend=backend)
+    err = capsys.readouterr().err
+    assert code == 2 and "ignored the filter on task ids" in err and "Traceback" not in err, err
+    assert backend.predicted == [] and ls.imports == []
