@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
 import pickle
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -34,7 +36,11 @@ RETRIES = 3  # attempts per item beyond the first when its actor dies (then it i
 
 
 class RayUnavailable(RuntimeError):
-    """Ray is not installed, or the cluster cannot be reached."""
+    """Ray is not installed, the cluster cannot be reached, or it cannot run the model actors."""
+
+
+class RayStartTimeout(RayUnavailable):
+    """The model actors did not start (placed on the cluster, model built) within the start timeout."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class RayOptions:
     gpus_per_actor: default 1 when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU.
     cpus_per_actor, load_cpus: CPUs reserved per model actor and per fetch/decode task (fractions
       let a small node run both stages: Ray Data waits forever for a CPU it cannot get).
+    start_timeout: seconds for every model actor of a run to be placed on the cluster and to build
+      its model (`factory()`, in its constructor) before the run stops with RayStartTimeout. Ray
+      would wait forever for resources no node has (a GPU on a CPU-only cluster); an autoscaling
+      cluster may add nodes meanwhile, so the wait is bounded, not refused up front.
     """
 
     address: str | None = None
@@ -54,6 +64,7 @@ class RayOptions:
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     load_cpus: float = 0.25
+    start_timeout: float = 1800.0
 
     def resources(self, cluster: dict[str, float], items: int | None = None) -> tuple[int, float, float]:
         """(actors, gpus per actor, cpus per actor) for a cluster's total resources; never more
@@ -81,6 +92,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="GPUs per model actor (default 1 with GPUs, else 0; 0.5: two actors per GPU)")
     g.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
                    help="CPUs reserved per model actor (default 1)")
+    g.add_argument("--ray-start-timeout", type=float, default=RayOptions.start_timeout, metavar="SECONDS",
+                   help="stop with an error when the model actors have not all started (placed on the "
+                        "cluster, model loaded) within SECONDS (default 1800: the cluster may be adding nodes)")
 
 
 def options_from_args(args: argparse.Namespace) -> RayOptions | None:
@@ -93,8 +107,12 @@ def options_from_args(args: argparse.Namespace) -> RayOptions | None:
                           ("--ray-cpus-per-actor", args.ray_cpus_per_actor)):
         if not math.isfinite(value) or value < 0:  # nan passed a '< 0' test
             raise ValueError(f"{option} must be a finite number, not negative (got {value})")
+    if not math.isfinite(args.ray_start_timeout) or args.ray_start_timeout <= 0:
+        raise ValueError(f"--ray-start-timeout must be a finite number of seconds above 0 "
+                         f"(got {args.ray_start_timeout})")
     return RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
-                      gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor)
+                      gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor,
+                      start_timeout=args.ray_start_timeout)
 
 
 def _ray():
@@ -143,6 +161,46 @@ def _is_device_failure(exc: BaseException) -> bool:
     """A CUDA error leaves the process's device context unusable: the actor must be replaced."""
     text = f"{type(exc).__name__}: {exc}"
     return any(sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory"))
+
+
+def _start_timeout(ray, what: str, noun: str, actors: int, gpus: float, cpus: float,
+                   timeout: float) -> RayStartTimeout:
+    """The error for model actors (`noun`s) that did not start in time: what was asked, what the cluster has."""
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+
+    def room(node: dict) -> float:  # how many such actors the node could hold, if nothing else ran there
+        return min(math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else math.inf,
+                   math.floor(node.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else math.inf)
+
+    fits = sum(room(n) for n in nodes)
+    plural = "s" if actors != 1 else ""
+    return RayStartTimeout(
+        f"the Ray cluster did not start {what} within {timeout:g} s (placed on a node, model loaded): asked for "
+        f"{actors} {noun}{plural} with {gpus:g} GPU and {cpus:g} CPU each ({actors * gpus:g} GPU, "
+        f"{actors * cpus:g} CPU in all); the cluster has {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
+        f"{total.get('GPU', 0.0):g} GPU and {total.get('CPU', 0.0):g} CPU in all: room for "
+        f"{'any number' if fits == math.inf else f'{fits:g}'} when nothing else runs there. Ask for fewer or "
+        f"smaller actors (--ray-actors, --ray-gpus-per-actor, --ray-cpus-per-actor), add nodes, or give them "
+        f"longer (--ray-start-timeout)")
+
+
+def _not_start_timeout(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while Ray Data handles it
+    return not (type(exc).__name__ == "GetTimeoutError" and "starting actors" in str(exc))
+
+
+@contextlib.contextmanager
+def _quiet_start_timeout() -> Iterator[None]:
+    """Without Ray Data's report of its actor pool's start timeout (an internal traceback asking for a
+    Ray bug report): run_grouped raises RayStartTimeout instead, which says what was asked and what
+    the cluster has."""
+    logger = logging.getLogger("ray.data.exceptions")
+    logger.addFilter(_not_start_timeout)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_start_timeout)
 
 
 def _actor_options() -> dict:
@@ -212,34 +270,62 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
     ctx.enable_progress_bars = False  # the driver shows its own progress, with ETA
     ctx.print_on_execution_start = False
     ctx.max_errored_blocks = len(items)  # an item whose retries ran out is reported, not fatal
+    # the pool's start waits (at most this long) for each actor's ready ref, which resolves once its
+    # constructor, the model's loading included, has run; by default (-1) Ray Data does not wait but
+    # streams to the actors that started, and without any it waits forever, saying nothing
+    ctx.wait_for_min_actors_s = options.start_timeout
     ds = ds.map(_Load(load), num_cpus=options.load_cpus)
     ds = ds.map(_Worker, fn_constructor_args=(factory, work), compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=_actor_options)
     log.info("Ray: %d model actors (%g GPU, %g CPU each) for %d items", actors, gpus, cpus, len(items))
     seen: set[int] = set()
-    for row in ds.iter_rows():
+    rows, first, timed_out = iter(ds.iter_rows()), True, False
+    while True:
+        try:
+            with _quiet_start_timeout() if first else contextlib.nullcontext():
+                row = next(rows)  # the first call starts the execution, the actor pool's start among it
+        except StopIteration:
+            break
+        except ray.exceptions.GetTimeoutError:
+            if not first:
+                raise
+            timed_out = True
+            break
+        first = False
         index = int(row["index"])
         if index in seen:  # a retried item whose first result already arrived
             continue
         seen.add(index)
         yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
+    if timed_out:
+        # Ray Data leaves that pool in a reference cycle: collected now, its actors end (and free their
+        # resources) and the requests for those that never started are dropped, not at some later collection
+        del rows, ds
+        gc.collect()
+        raise _start_timeout(ray, "the model actors", "actor", actors, gpus, cpus, options.start_timeout)
     for index in range(len(items)):
         if index not in seen:
             yield Result(index, error=f"lost: no result after {RETRIES + 1} attempts (the actor kept dying)")
 
 
-def probe(factory: Callable[[], Any], fn: Callable[[Any], Any], options: RayOptions, timeout: float = 1800) -> Any:
+def probe(factory: Callable[[], Any], fn: Callable[[Any], Any], options: RayOptions,
+          timeout: float | None = None) -> Any:
     """fn(factory()) in one Ray task with a model actor's resources: what the driver needs to know
-    about the workers' model (its version, on the workers' device) without loading it itself."""
+    about the workers' model (its version, on the workers' device) without loading it itself.
+    RayStartTimeout after `timeout` seconds (default: options.start_timeout)."""
     ray = _ray()
+    timeout = options.start_timeout if timeout is None else timeout
     _, gpus, cpus = options.resources(ray.cluster_resources())
 
     @ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=RETRIES)
     def _probe():
         return pickle.dumps(fn(factory()))
 
+    ref = _probe.remote()
     try:
-        return pickle.loads(ray.get(_probe.remote(), timeout=timeout))
+        return pickle.loads(ray.get(ref, timeout=timeout))
     except ray.exceptions.GetTimeoutError as exc:
-        raise RayUnavailable(f"no worker loaded the model within {timeout:.0f} s (does the cluster have the "
-                             f"resources of one actor: {gpus:g} GPU, {cpus:g} CPU?)") from exc
+        with contextlib.suppress(Exception):  # not left waiting for resources (or loading) on the cluster
+            ray.cancel(ref, force=True)
+        raise _start_timeout(ray, "the model probe (run first, with a model actor's resources)", "task", 1,
+                             gpus, cpus, timeout) from exc

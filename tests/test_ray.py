@@ -288,3 +288,87 @@ def test_nan_or_infinite_actor_resources_are_refused():
         for value in ("nan", "inf"):
             with pytest.raises(ValueError, match=option):
                 distributed.options_from_args(parser.parse_args(["--ray", option, value]))
+
+
+def _within(seconds: float, fn):
+    """fn() in a thread: ("value", result) or ("error", exception); a test failure, not a stuck suite,
+    when it is still running after `seconds` (the thread is left behind: Ray offers no way to stop it)."""
+    out: list = []
+
+    def target():
+        try:
+            out.append(("value", fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(("error", exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting after {seconds:g} s: the run hangs instead of giving up")
+    return out[0]
+
+
+def test_actors_the_cluster_cannot_place_end_the_run_with_what_was_asked_and_what_it_has(ray_address):
+    """Ray Data waited forever, saying nothing, for model actors the cluster has no room for (a GPU on
+    this CPU-only cluster). The pool's start is bounded by RayOptions.start_timeout: then the run
+    raises RayStartTimeout (a RayUnavailable, which the CLIs report as an error), which says what was
+    asked and what the cluster has; the actors that did start are ended, their CPUs freed."""
+    import ray
+
+    gpu = distributed.RayOptions(actors=1, gpus_per_actor=1, cpus_per_actor=0.5, start_timeout=5)
+    kind, error = _within(90, lambda: list(distributed.run_grouped([1, 2], _identity, lambda: None, _times_ten, gpu)))
+    assert kind == "error" and isinstance(error, distributed.RayStartTimeout), error
+    assert isinstance(error, distributed.RayUnavailable)
+    message = str(error)
+    assert "did not start the model actors within 5 s" in message
+    assert "1 actor with 1 GPU and 0.5 CPU each" in message and "1 node, 0 GPU and 2 CPU in all: room for 0" in message
+    assert "--ray-start-timeout" in message
+
+    # two actors of 1.5 CPU on 2 CPUs: one starts, the other never does; the run stops and frees the first's CPUs
+    kind, error = _within(90, lambda: list(distributed.run_grouped(
+        [1, 2], _identity, lambda: None, _times_ten, distributed.RayOptions(actors=2, cpus_per_actor=1.5,
+                                                                            start_timeout=5))))
+    assert kind == "error" and isinstance(error, distributed.RayStartTimeout), error
+    assert "2 actors with 0 GPU and 1.5 CPU each (0 GPU, 3 CPU in all)" in str(error) and "room for 1 " in str(error)
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0.0) < 2.0 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0.0) == 2.0  # the actor that started was ended
+    one = distributed.RayOptions(actors=1, cpus_per_actor=1.5, start_timeout=60)
+    kind, results = _within(120, lambda: list(distributed.run_grouped([1, 2], _identity, lambda: None, _times_ten,
+                                                                      one)))
+    assert kind == "value" and sorted((r.index, r.value) for r in results) == [(0, 10), (1, 20)], results
+
+    # the probe (run before the pool by both commands) is bounded the same way
+    kind, error = _within(60, lambda: distributed.probe(lambda: None, repr, gpu))
+    assert kind == "error" and isinstance(error, distributed.RayStartTimeout), error
+    assert "did not start the model probe" in str(error) and "1 task with 1 GPU" in str(error)
+
+
+def test_evaluate_stops_with_an_error_when_the_pool_cannot_start(setup, ray_address, tmp_path):
+    """The probe fits (one actor's resources), the pool of two does not: exit status 2, the error on
+    stderr (not Ray Data's internal traceback), no prediction line written."""
+    work, common, _ = setup
+    r = run_cli(*common, "--ray", ray_address, "--ray-actors", "2", "--ray-cpus-per-actor", "1.5",
+                "--ray-start-timeout", "5", "--out", str(tmp_path / "run"), cwd=work)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "error: the Ray cluster did not start the model actors within 5 s" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "open an issue" not in r.stderr, r.stderr[-3000:]
+    predictions = tmp_path / "run" / "predictions.jsonl"
+    assert not predictions.exists() or predictions.read_text() == ""
+
+
+def test_the_start_timeout_option_is_a_finite_positive_number_of_seconds():
+    parser = argparse.ArgumentParser()
+    distributed.add_ray_arguments(parser)
+    assert distributed.options_from_args(parser.parse_args(["--ray"])).start_timeout == 1800  # model loads included
+    assert distributed.options_from_args(parser.parse_args(["--ray", "--ray-start-timeout", "90"])).start_timeout == 90
+    for value in ("0", "-5", "nan", "inf"):
+        with pytest.raises(ValueError, match="--ray-start-timeout"):
+            distributed.options_from_args(parser.parse_args(["--ray", "--ray-start-timeout", value]))
+    from backend import preannotate
+
+    with pytest.raises(SystemExit) as exit_:  # the command refuses it before connecting anywhere
+        preannotate.parse_args(["--project", "1", "--ray", "--ray-start-timeout", "0"])
+    assert exit_.value.code == 2
