@@ -17,7 +17,9 @@ Label Studio's score column, review queue and pre-filled masks read these predic
 When Label Studio goes away mid-run (a restart), the run waits for it with backoff for --retry-for
 seconds (default 300), then resumes; past that it stops with exit status 3 and rerunning it later
 finishes the rest. With --ray too: tasks whose images the workers could not fetch while it was away
-are predicted again once it is back.
+are predicted again once it is back. With --ray, model actors that do not start within
+--ray-start-timeout (the cluster has no room for them) stop the run with exit status 2, the
+predictions made before that posted.
 
 Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
@@ -81,6 +83,7 @@ class Summary:
     prepared_images: int = 0  # SAM passes (distinct images computed)
     interrupted: bool = False
     gone: str = ""  # why the run stopped early: Label Studio did not come back within --retry-for
+    stopped: str = ""  # why the run stopped early: the model cannot run (--ray: its actors did not start)
     seconds: float = 0.0
     model_version: str = ""
 
@@ -92,6 +95,7 @@ class Summary:
                 "failed_by_kind": dict(kinds), "failures": {str(k): v for k, v in self.failed.items()},
                 "not_reached": self.not_reached, "prepared_images": self.prepared_images,
                 "interrupted": self.interrupted, "label_studio_gone": self.gone or None,
+                "stopped": self.stopped or None,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -400,6 +404,13 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     except LabelStudioGone as exc:
         summary.gone = str(exc)
         summary.not_reached += len(todo) - processed + len(pending_rows)
+    except RayUnavailable as exc:  # --ray: a round's model actors did not start (RayStartTimeout)
+        summary.stopped = str(exc)
+        try:
+            flush()  # the predictions that came back are posted: the rerun does only the rest
+        except LabelStudioGone as gone:
+            summary.gone = str(gone)
+        summary.not_reached += len(todo) - processed + len(pending_rows)
     finally:
         bar.close()
     reachable = not summary.gone  # else Label Studio is away: the rerun makes the project ready
@@ -475,6 +486,9 @@ def print_summary(summary: Summary, out) -> None:
     if summary.gone:
         print(f"stopped: {summary.gone}; rerun the same command when it is back to finish the "
               f"{summary.not_reached} remaining tasks (nothing is posted twice)", file=out)
+    if summary.stopped:
+        print(f"stopped: {summary.stopped}; the {summary.not_reached} remaining tasks were not reached: rerun "
+              "to finish them (nothing is posted twice)", file=out)
     for task_id, reason in sorted(summary.failed.items()):
         print(f"  failed task {task_id}: {logsafe.escape_controls(reason)}", file=out)  # the task's data: one line
     out.flush()
@@ -568,8 +582,10 @@ def _interrupt(*_: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None, backend=None) -> int:
-    """Exit status: 0 all done, 1 some tasks failed, 2 cannot run, 3 Label Studio unreachable (for
-    --retry-for seconds mid-run, or at the start): rerun later to finish, 130 interrupted."""
+    """Exit status: 0 all done, 1 some tasks failed, 2 cannot run (with --ray also: the model actors
+    did not start within --ray-start-timeout, the predictions made before that posted), 3 Label
+    Studio unreachable (for --retry-for seconds mid-run, or at the start): rerun later to finish,
+    130 interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -650,6 +666,9 @@ def _exit_status(summary: Summary, as_json: bool, url: str) -> int:
     if summary.gone:
         print(f"error: {summary.gone} (Label Studio at {url}): stopped, rerun to finish", file=sys.stderr)
         return EXIT_LABEL_STUDIO_GONE
+    if summary.stopped:
+        print(f"error: {summary.stopped}", file=sys.stderr)
+        return 2
     return 1 if summary.failed else 0
 
 

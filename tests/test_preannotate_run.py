@@ -404,3 +404,50 @@ def test_a_label_studio_that_ignores_the_task_id_filter_ends_the_run_with_a_mess
     err = capsys.readouterr().err
     assert code == 2 and "ignored the filter on task ids" in err and "Traceback" not in err, err
     assert backend.predicted == [] and ls.imports == []
+
+
+def test_model_actors_that_cannot_start_end_the_run_with_exit_2_and_what_came_back_posted(monkeypatch, capsys):
+    """With --ray, each round of predictions (the first; a redo of the tasks Label Studio's outage
+    failed) starts a pool of model actors; one that does not start in time raises RayStartTimeout from
+    the stream. The predictions that came back before it are posted (they were not lost with the
+    unposted batch), the other tasks are not reached, the summary is printed, and the run ends with
+    exit status 2 and the error."""
+    import label_studio_sdk
+
+    from backend import ray_preannotate
+    from hybridgl import distributed
+
+    class Backend(FakeBackend):
+        after = 3  # tasks predicted before the pool fails to start
+
+        def __init__(self, settings, options):
+            super().__init__()
+
+        def predict_stream(self, todo, interface):
+            for task in todo[:self.after]:
+                yield task, self.predict_task(task, interface, fetch=lambda url, tid: b"")
+            raise distributed.RayStartTimeout("the Ray cluster did not start the model actors within 5 s")
+
+    class FakeRay:
+        def is_initialized(self):
+            return True  # joined already: cluster() does not connect
+
+        def cluster_resources(self):
+            return {"CPU": 2.0}
+
+    monkeypatch.setattr(distributed, "_ray", FakeRay)
+    monkeypatch.setattr(ray_preannotate, "RayBackend", Backend)
+    for after in (3, 0):
+        Backend.after = after
+        ls = FakeLS(tasks(6))
+        monkeypatch.setattr(label_studio_sdk, "LabelStudio", lambda base_url, api_key: ls)
+        rc = preannotate.main(["--url", "http://ls.invalid", "--api-key", "k", "--project", "1", "--batch", "5",
+                               "--no-progress", "--json", "--ray", "127.0.0.1:6379", "--ray-start-timeout", "5"])
+        captured = capsys.readouterr()
+        assert rc == 2, captured
+        assert "error: the Ray cluster did not start the model actors within 5 s" in captured.err
+        s = json.loads(captured.out.strip().splitlines()[-1])
+        assert s["done"] == after and s["not_reached"] == 6 - after and not s["failed"], s
+        assert "did not start the model actors" in s["stopped"]
+        assert [t for t in range(1, 7) if versions(ls, t)] == list(range(1, after + 1))  # posted, once each
+        assert all(versions(ls, t) == [POSTED] for t in range(1, after + 1))
