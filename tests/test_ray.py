@@ -238,7 +238,8 @@ def test_a_run_leaves_the_callers_data_context_as_it_was(ray_address):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    mine = {"enable_progress_bars": True, "print_on_execution_start": True, "max_errored_blocks": 0}
+    mine = {"enable_progress_bars": True, "print_on_execution_start": True, "max_errored_blocks": 0,
+            "wait_for_min_actors_s": -1}
     before = {name: getattr(ctx, name) for name in mine}
     try:
         for name, value in mine.items():
