@@ -163,17 +163,22 @@ def _is_device_failure(exc: BaseException) -> bool:
     return any(sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory"))
 
 
-def _start_timeout(ray, what: str, noun: str, actors: int, gpus: float, cpus: float,
-                   timeout: float) -> RayStartTimeout:
-    """The error for model actors (`noun`s) that did not start in time: what was asked, what the cluster has."""
+def _room(ray, gpus: float, cpus: float) -> tuple[list[dict], float]:
+    """The live nodes' resources, and how many actors of (gpus, cpus) they could hold if nothing else ran."""
     nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
 
-    def room(node: dict) -> float:  # how many such actors the node could hold, if nothing else ran there
+    def room(node: dict) -> float:
         return min(math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else math.inf,
                    math.floor(node.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else math.inf)
 
-    fits = sum(room(n) for n in nodes)
+    return nodes, sum(room(n) for n in nodes)
+
+
+def _start_timeout(ray, what: str, noun: str, actors: int, gpus: float, cpus: float,
+                   timeout: float) -> RayStartTimeout:
+    """The error for model actors (`noun`s) that did not start in time: what was asked, what the cluster has."""
+    nodes, fits = _room(ray, gpus, cpus)
+    total = ray.cluster_resources()
     plural = "s" if actors != 1 else ""
     return RayStartTimeout(
         f"the Ray cluster did not start {what} within {timeout:g} s (placed on a node, model loaded): asked for "
@@ -278,6 +283,11 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
     ds = ds.map(_Worker, fn_constructor_args=(factory, work), compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=_actor_options)
     log.info("Ray: %d model actors (%g GPU, %g CPU each) for %d items", actors, gpus, cpus, len(items))
+    fits = _room(ray, gpus, cpus)[1]
+    if fits < actors:  # said now, not only when the wait for them ends (an autoscaler may add nodes meanwhile)
+        log.warning("the Ray cluster has room for %g of the %d model actors asked for (%g GPU, %g CPU each) now; "
+                    "the run waits up to %g s for all of them to start (--ray-start-timeout), then stops",
+                    fits, actors, gpus, cpus, options.start_timeout)
     seen: set[int] = set()
     rows, first, timed_out = iter(ds.iter_rows()), True, False
     while True:

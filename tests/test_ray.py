@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -310,7 +311,7 @@ def _within(seconds: float, fn):
     return out[0]
 
 
-def test_actors_the_cluster_cannot_place_end_the_run_with_what_was_asked_and_what_it_has(ray_address):
+def test_actors_the_cluster_cannot_place_end_the_run_with_what_was_asked_and_what_it_has(ray_address, caplog):
     """Ray Data waited forever, saying nothing, for model actors the cluster has no room for (a GPU on
     this CPU-only cluster). The pool's start is bounded by RayOptions.start_timeout: then the run
     raises RayStartTimeout (a RayUnavailable, which the CLIs report as an error), which says what was
@@ -326,10 +327,16 @@ def test_actors_the_cluster_cannot_place_end_the_run_with_what_was_asked_and_wha
     assert "1 actor with 1 GPU and 0.5 CPU each" in message and "1 node, 0 GPU and 2 CPU in all: room for 0" in message
     assert "--ray-start-timeout" in message
 
-    # two actors of 1.5 CPU on 2 CPUs: one starts, the other never does; the run stops and frees the first's CPUs
-    kind, error = _within(90, lambda: list(distributed.run_grouped(
-        [1, 2], _identity, lambda: None, _times_ten, distributed.RayOptions(actors=2, cpus_per_actor=1.5,
-                                                                            start_timeout=5))))
+    # two actors of 1.5 CPU on 2 CPUs: one starts, the other never does; the run says so at once, then
+    # stops and frees the first's CPUs
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hybridgl.distributed"):
+        kind, error = _within(90, lambda: list(distributed.run_grouped(
+            [1, 2], _identity, lambda: None, _times_ten, distributed.RayOptions(actors=2, cpus_per_actor=1.5,
+                                                                                start_timeout=5))))
+    assert [r.getMessage() for r in caplog.records if r.name == "hybridgl.distributed"] == [
+        "the Ray cluster has room for 1 of the 2 model actors asked for (0 GPU, 1.5 CPU each) now; the run waits "
+        "up to 5 s for all of them to start (--ray-start-timeout), then stops"]
     assert kind == "error" and isinstance(error, distributed.RayStartTimeout), error
     assert "2 actors with 0 GPU and 1.5 CPU each (0 GPU, 3 CPU in all)" in str(error) and "room for 1 " in str(error)
     deadline = time.time() + 30
