@@ -148,40 +148,22 @@ def existing_score(task: dict, model_version: str) -> float | None:
 
 
 def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: Summary,
-                     stored_after: Callable[[BaseException, list[int], str], set[int]]) -> set[int]:
-    """Post [(task id, prediction)]: one bulk import, else one by one (to report the bad one).
-    Returns the task ids whose predictions Label Studio refused. A connection error of the bulk
-    import is raised (the caller waits for Label Studio); one while posting one by one is waited
-    for here: stored_after(error, task ids, model_version) waits for Label Studio to be back and
-    says which of the tasks hold a prediction of that version."""
+                     stored_after: Callable[[BaseException, list[int], str], set[int]], bulk: bool = True) -> set[int]:
+    """Post [(task id, prediction)]: one bulk import, else (or with bulk=False) one by one (to
+    report the bad one). Returns the task ids whose predictions were not stored. A connection error
+    of the bulk import is raised (the caller waits for Label Studio); one while posting one by one is
+    waited for here: stored_after(error, task ids, model_version) waits for Label Studio to be back
+    and says which of the tasks hold a prediction of that version. A prediction whose post drops the
+    connection POST_ATTEMPTS times, Label Studio answering in between, is reported failed."""
     if not items:
         return set()
-    body = [{"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
-            for t, p in items]
-    try:
-        created = getattr(ls.projects.import_predictions(project, request=body), "created", None)
-        if not isinstance(created, int) or created >= len(items):
-            summary.predictions += len(items)
-            return set()
-    except Exception as exc:  # noqa: BLE001 - retried one by one below
-        if is_connection_error(exc):  # Label Studio is away: not the predictions' fault (the caller waits)
-            raise
-        log.warning("bulk import of %d predictions failed (%s); posting one by one", len(items), exc)
-    else:  # Label Studio answered 201 but left out the predictions its labelling config rejects (edited mid-run?)
-        held: dict[int, set] = {}
-        dropped: set[int] = set()
-        for t, p in items:
-            if t not in held:
-                held[t] = posted_versions(ls, t)
-            if p["model_version"] not in held[t]:
-                dropped.add(t)
-                summary.failed[t] = "post: Label Studio did not store the prediction (does it still match the " \
-                                    "project's labelling config?)"
-        summary.predictions += created
-        return dropped
+    if bulk:
+        dropped = _import(ls, project, items, summary)
+        if dropped is not None:
+            return dropped
     failed: set[int] = set()
     for t, p in items:
-        while True:  # posted again after an outage, unless Label Studio stored it before its answer was lost
+        for _ in range(POST_ATTEMPTS):  # posted again after an outage, unless stored before its answer was lost
             try:
                 ls.predictions.create(task=t, result=p["result"], score=p["score"], model_version=p["model_version"])
             except Exception as exc:  # noqa: BLE001 - reported for that task
@@ -191,10 +173,45 @@ def post_predictions(ls, project: int, items: list[tuple[int, dict]], summary: S
                                         f"{str(exc)[:200]})"
                     break
                 if t not in stored_after(exc, [t], p["model_version"]):
+                    lost = exc
                     continue
             summary.predictions += 1
             break
+        else:
+            failed.add(t)
+            summary.failed[t] = f"post: the connection dropped {POST_ATTEMPTS} times posting this prediction while " \
+                                f"Label Studio answered in between ({lost.__class__.__name__}: {str(lost)[:200]}); " \
+                                "a rerun tries it again"
     return failed
+
+
+def _import(ls, project: int, items: list[tuple[int, dict]], summary: Summary) -> set[int] | None:
+    """One bulk import: the task ids whose predictions Label Studio left out, or None when it refused
+    the import (post them one by one). A connection error is raised."""
+    body = [{"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
+            for t, p in items]
+    try:
+        created = getattr(ls.projects.import_predictions(project, request=body), "created", None)
+    except Exception as exc:  # noqa: BLE001 - retried one by one
+        if is_connection_error(exc):  # Label Studio is away: not the predictions' fault (the caller waits)
+            raise
+        log.warning("bulk import of %d predictions failed (%s); posting one by one", len(items), exc)
+        return None
+    if not isinstance(created, int) or created >= len(items):
+        summary.predictions += len(items)
+        return set()
+    # Label Studio answered 201 but left out the predictions its labelling config rejects (edited mid-run?)
+    held: dict[int, set] = {}
+    dropped: set[int] = set()
+    for t, p in items:
+        if t not in held:
+            held[t] = posted_versions(ls, t)
+        if p["model_version"] not in held[t]:
+            dropped.add(t)
+            summary.failed[t] = "post: Label Studio did not store the prediction (does it still match the " \
+                                "project's labelling config?)"
+    summary.predictions += created
+    return dropped
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -228,6 +245,9 @@ def is_reviewed(task: dict) -> bool:
 # After a bulk import whose answer timed out (the request reached Label Studio, which may still be
 # storing it), what it stored is checked for up to this long before the batch is posted again.
 SETTLE_SECONDS, SETTLE_POLL = 60.0, 5.0
+# A post that drops the connection this often, Label Studio answering in between, fails for its body
+# (a worker crashing on it behind a proxy), not for an outage: it is not posted again and again.
+POST_ATTEMPTS = 3
 
 
 def is_answer_timeout(exc: BaseException) -> bool:
@@ -323,13 +343,15 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
                     raise
 
     def flush() -> None:
+        drops = 0  # of this batch's bulk import: past POST_ATTEMPTS it is posted one by one (a bad body)
         while True:
             try:
-                refused = post_predictions(ls, project, pending, summary, stored_after)
+                refused = post_predictions(ls, project, pending, summary, stored_after, bulk=drops < POST_ATTEMPTS)
                 break
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
+                drops += 1
                 stored = stored_after(exc, list(dict.fromkeys(t for t, _ in pending)), version)
                 summary.predictions += sum(t in stored for t, _ in pending)
                 pending[:] = [(t, p) for t, p in pending if t not in stored]

@@ -451,3 +451,29 @@ def test_model_actors_that_cannot_start_end_the_run_with_exit_2_and_what_came_ba
         assert "did not start the model actors" in s["stopped"]
         assert [t for t in range(1, 7) if versions(ls, t)] == list(range(1, after + 1))  # posted, once each
         assert all(versions(ls, t) == [POSTED] for t in range(1, after + 1))
+
+
+def test_a_prediction_whose_post_always_drops_the_connection_is_reported_not_posted_forever(monkeypatch):
+    """A post that drops the connection every time while Label Studio answers otherwise (a body that
+    crashes its worker behind a proxy: 502) was waited for and posted again forever, the run never
+    ending. The bulk import is now tried POST_ATTEMPTS times, then the batch is posted one by one, and
+    a prediction whose own post drops that often is reported failed (a rerun tries it again)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    monkeypatch.setattr(preannotate.Reconnect, "until_back", lambda self: None)
+    ls, backend = FakeLS(tasks(4)), FakeBackend()
+    attempts = {"import": 0, "create": 0}
+
+    def poison(what, task_ids):
+        attempts[what] += 1
+        assert attempts[what] < 50, "posted again and again"
+        if 3 in task_ids:
+            raise ApiError(status_code=502, body="Bad Gateway")
+
+    ls.on_import = lambda body: poison("import", [p["task"] for p in body])
+    ls.on_create = lambda p: poison("create", [p["task"]])
+    s = run(backend, ls, batch=4, retry_for=60.0)
+    assert not s.gone and list(s.failed) == [3] and "connection" in s.failed[3], s.failed
+    assert attempts == {"import": preannotate.POST_ATTEMPTS, "create": 3 + preannotate.POST_ATTEMPTS}
+    assert s.done == 3 and s.predictions == 3
+    assert [versions(ls, t) for t in (1, 2, 3, 4)] == [[POSTED], [POSTED], [], [POSTED]]
