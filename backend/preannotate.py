@@ -334,13 +334,17 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
         of `model_version`: a post may have been stored before its answer was lost (never post it
         twice); one whose answer timed out may still be running there: give it time to land."""
         settle = time.monotonic() + (SETTLE_SECONDS if is_answer_timeout(exc) else 0.0)
-        while True:  # (Label Studio may drop again while its predictions are checked)
+        for _ in range(POST_ATTEMPTS):  # (Label Studio may drop again while its predictions are checked)
             reconnect.until_back()
             try:
                 return stored_tasks(ls, ids, model_version, settle)
             except Exception as again:
                 if not is_connection_error(again):
                     raise
+                exc = again
+        # unknown what was stored, so nothing may be posted again: stop as for an outage (a rerun finishes)
+        raise LabelStudioGone(f"Label Studio answers, but reading the tasks' predictions dropped the connection "
+                              f"{POST_ATTEMPTS} times ({exc.__class__.__name__}: {str(exc)[:200]})")
 
     def flush() -> None:
         drops = 0  # of this batch's bulk import: past POST_ATTEMPTS it is posted one by one (a bad body)

@@ -477,3 +477,29 @@ def test_a_prediction_whose_post_always_drops_the_connection_is_reported_not_pos
     assert attempts == {"import": preannotate.POST_ATTEMPTS, "create": 3 + preannotate.POST_ATTEMPTS}
     assert s.done == 3 and s.predictions == 3
     assert [versions(ls, t) for t in (1, 2, 3, 4)] == [[POSTED], [POSTED], [], [POSTED]]
+
+
+def test_reading_what_was_stored_that_always_drops_stops_the_run_instead_of_spinning(monkeypatch):
+    """After an import whose answer was lost the run reads each task's predictions before posting
+    again (never twice); a read that drops the connection every time while Label Studio answers
+    otherwise was retried forever. After POST_ATTEMPTS the run stops as for an outage (a rerun
+    finishes; nothing is posted twice)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    monkeypatch.setattr(preannotate.Reconnect, "until_back", lambda self: None)
+    ls, backend = FakeLS(tasks(2)), FakeBackend()
+    reads = []
+
+    def import_then_drop(body):
+        raise httpx.RemoteProtocolError("the answer was lost")
+
+    def read(task):
+        reads.append(task)
+        assert len(reads) < 50, "read again and again"
+        raise ApiError(status_code=502, body="Bad Gateway")
+
+    ls.on_import = import_then_drop
+    ls.predictions.list = read
+    s = run(backend, ls, batch=2, retry_for=60.0)
+    assert s.gone and "predictions" in s.gone and len(reads) == preannotate.POST_ATTEMPTS, (s.gone, reads)
+    assert ls.creates == [] and s.done == 0
