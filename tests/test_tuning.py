@@ -318,7 +318,7 @@ def test_command_line_on_a_refer_dataset_and_a_label_studio_export(model, data, 
 def test_the_backend_reports_calibrated_scores_under_a_new_model_version(model, data):
     import io
 
-    from backend.labeling import parse_config
+    from backend.labeling import config_version, parse_config
     from backend.model import HybridGLBackend
     from backend.settings import Settings
     from hybridgl import HybridGL
@@ -335,7 +335,9 @@ def test_the_backend_reports_calibrated_scores_under_a_new_model_version(model, 
     task = {"id": 7, "data": {"image": "x.png", "text": EXPRESSIONS[0]}}
     (a,), (b,) = (be.predict_tasks([task], parse_config(config), fetch=lambda url, tid: buf.getvalue())
                   for be in (plain, tuned))
-    assert b.predictions[0]["model_version"] == tuned.model_version  # the best mask's version
+    # the best mask's version: the tuned model's, for this labelling config
+    assert b.predictions[0]["model_version"] == config_version(tuned.model_version, parse_config(config))
+    assert a.predictions[0]["model_version"] == config_version(plain.model_version, parse_config(config))
     assert [p["score"] for p in b.predictions] == pytest.approx([r["score"] for r in b.segmentation.ranking[:2]])
     assert [p["score"] for p in a.predictions] == pytest.approx(list(b.segmentation.explain["score_raw"][
         np.argsort(-b.segmentation.explain["F"], kind="stable")][:2]))
