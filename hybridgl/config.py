@@ -44,8 +44,9 @@ class HybridGLConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, as the reference code
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     dtype: str = "float32"  # CLIP compute dtype: float32 (default, golden-exact), float16, bfloat16
-    # masks per CLIP forward pass (speed and memory, not numerics); None: 4 on CPU, where
-    # cache-sized tensors run fastest, 32 on a GPU
+    # masks per CLIP forward pass (speed and memory; features change in their last bits only,
+    # and the fast mode's float32 rows use the same passes); None: 4 on CPU, where cache-sized
+    # tensors run fastest, 32 on a GPU
     feature_batch_size: int | None = None
 
     # 3. Text features.

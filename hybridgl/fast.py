@@ -13,6 +13,12 @@ propagates these bounds through the method (softmax, relation guidance, softmax,
 names the masks whose error could change a choice (the candidate sets I and J, the semantic and
 the final argmax). `segment` computes exactly those masks' features in float32, decides again,
 and only where that is not enough computes every remaining mask exactly.
+
+A float32 feature is the exact mode's only when computed in the exact mode's own pass (the same
+batch of `feature_batch_size` masks): another batch rounds its last bits differently, and where
+masks tie (duplicate proposals) those bits decide. So every float32 row that enters a decision
+comes from `hybrid_feature_rows` (whole passes of the prepared view's masks); the probes' float32
+features, computed in a pass of their own, only measure the error.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HybridGLConfig
-from .hybrid_features import hybrid_features
+from .hybrid_features import hybrid_feature_rows, hybrid_features
 
 
 def low_precision(device: torch.device) -> str:
@@ -61,14 +67,17 @@ class LowPrecision:
     low: bool [N], rows still in low precision; spread: the bound between low rows (half the
     largest difference between the probes' errors on unit features, times the safety factor);
     size: the bound of one low row against an exact one (the largest probe error, times the
-    safety factor); exact: float32 features of masks already computed exactly (the probes).
+    safety factor). source, origin: the masks whose passes define the exact features and each
+    row's index among them; None for a prepared view (its own masks, in order), set for a
+    `PreparedView.subset`, whose exact rows are its parent's (the exact mode copies them).
     """
 
     low: np.ndarray
     spread: float
     size: float
-    exact: dict[int, torch.Tensor] = field(default_factory=dict)
     decided: bool = False  # the view's first expression has been answered (`FastHistory.record`)
+    source: np.ndarray | None = field(default=None, repr=False)
+    origin: np.ndarray | None = None
 
     def score_bounds(self, logit_scale: float) -> np.ndarray:
         """e [N]: |S_low_i - S_i - c| <= e_i for every mask and any text, for one shift c.
@@ -80,10 +89,22 @@ class LowPrecision:
             return np.full(len(self.low), logit_scale * self.spread)
         return np.where(self.low, logit_scale * self.size, 0.0)
 
-    def subset(self, idx: np.ndarray) -> "LowPrecision":
-        where = {int(i): j for j, i in enumerate(idx)}
+    def subset(self, idx: np.ndarray, masks: np.ndarray) -> "LowPrecision":
+        """The rows `idx` of a view whose masks are `masks`."""
         return LowPrecision(self.low[idx].copy(), self.spread, self.size,
-                            {where[i]: v for i, v in self.exact.items() if i in where})
+                            source=masks if self.source is None else self.source,
+                            origin=np.asarray(idx, np.int64) if self.origin is None else self.origin[idx])
+
+    def exact_rows(self, clip: nn.Module, image: np.ndarray, masks: np.ndarray, rows: np.ndarray,
+                   config: HybridGLConfig, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+        """Float32 features of `rows` of the view (masks: its masks) as the exact mode has them, bit
+        for bit, with those of every other low row computed in the same passes: (row indices, [R,D])."""
+        if self.source is None:
+            return hybrid_feature_rows(clip, image, masks, rows, config, device)
+        done, features = hybrid_feature_rows(clip, image, self.source, self.origin[rows], config, device)
+        hit = np.flatnonzero(np.isin(self.origin, done))
+        pick = torch.from_numpy(np.searchsorted(done, self.origin[hit])).to(features.device)
+        return hit, features[pick]
 
 
 # A low-precision pass counts as wasted when the image's first expression still needed float32
@@ -134,9 +155,10 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     The probes are computed in both precisions first. Where the low precision's error reaches
     half the largest distance between the probes' unit features, it cannot tell even those masks
     apart for some text and every decision would fall back: the features are then computed in
-    float32 at once (what the fast mode costs over the exact one is the probes' low-precision
-    pass). Otherwise every mask's feature is the low-precision one (the probes' too, so that one
-    bound holds for all rows) and the probes' exact features are kept for refinement.
+    float32 at once, in the exact mode's passes (what the fast mode costs over the exact one is
+    the probes' two passes). Otherwise every mask's feature is the low-precision one (the probes'
+    too, so that one bound holds for all rows); the probes' float32 features, from a pass of
+    their own, are not the exact mode's to the last bit and serve the measurement only.
     """
     n = len(masks)
     if n <= config.fast_probes:  # nothing to gain: compute them exactly
@@ -148,16 +170,14 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     unit = F.normalize(exact, dim=-1)
     delta = F.normalize(low, dim=-1) - unit
     spread = feature_error(delta) * config.fast_safety
+    if spread >= torch.cdist(unit, unit).max().item() / 2:
+        return hybrid_features(clip, image, masks, config, device), None
     rest = np.setdiff1d(np.arange(n), probes)
-    precise = spread >= torch.cdist(unit, unit).max().item() / 2
     features = torch.empty(n, exact.shape[1], dtype=exact.dtype, device=exact.device)
-    features[torch.from_numpy(probes).to(exact.device)] = exact if precise else low
-    features[torch.from_numpy(rest).to(exact.device)] = hybrid_features(
-        clip, image, masks[rest], config if precise else low_config, device)
-    if precise:
-        return features, None
+    features[torch.from_numpy(probes).to(exact.device)] = low
+    features[torch.from_numpy(rest).to(exact.device)] = hybrid_features(clip, image, masks[rest], low_config, device)
     size = delta.norm(dim=-1).max().item() * config.fast_safety
-    return features, LowPrecision(np.ones(n, bool), spread, size, {int(p): exact[i] for i, p in enumerate(probes)})
+    return features, LowPrecision(np.ones(n, bool), spread, size)
 
 
 def prepare_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,

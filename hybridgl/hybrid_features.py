@@ -175,6 +175,11 @@ def fuse_branches(clip: nn.Module, local: torch.Tensor, global_: torch.Tensor, w
     return config.fusion_weight * fg + (1 - config.fusion_weight) * fl
 
 
+def feature_batch_size(config: HybridGLConfig, device: torch.device | str) -> int:
+    """Masks per CLIP pass: `config.feature_batch_size`, else 4 on CPU (cache-sized tensors), 32 on a GPU."""
+    return config.feature_batch_size or (32 if torch.device(device).type == "cuda" else 4)
+
+
 @torch.no_grad()
 def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor,
                     config: HybridGLConfig, device: torch.device | str = "cpu",
@@ -184,11 +189,38 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     image: uint8 [H,W,3] RGB; masks: bool [N,H,W]. Returns float32 [N,D], unnormalised.
     debug: when a dict is given, the CLIP inputs and soft masks are stored in it (tests).
     """
+    per_pass = feature_batch_size(config, device)
+    return _passes(clip, image, masks, range(0, len(masks), per_pass), per_pass, config, device, debug)
+
+
+@torch.no_grad()
+def hybrid_feature_rows(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor,
+                        rows: np.ndarray, config: HybridGLConfig, device: torch.device | str = "cpu"
+                        ) -> tuple[np.ndarray, torch.Tensor]:
+    """The rows of `hybrid_features(clip, image, masks, ...)` that hold `rows`, bit for bit.
+
+    A mask's feature depends in its last bits on the pass that computes it: the kernels round
+    differently for another batch size or another place in the batch (~1e-6 of a score). Where
+    masks tie (duplicate proposals, or masks that differ only at pixels the resize to the CLIP
+    input never reads) those bits decide, so features meant to be the exact mode's come from the
+    exact mode's own passes: each pass of `feature_batch_size(config, device)` masks that holds
+    one of `rows` runs whole. Returns (indices: every mask of those passes, ascending; their
+    features [len(indices), D]).
+    """
+    per_pass = feature_batch_size(config, device)
+    starts = np.unique(np.asarray(rows, dtype=np.int64) // per_pass) * per_pass
+    indices = np.concatenate([np.arange(lo, min(lo + per_pass, len(masks))) for lo in starts]) \
+        if len(starts) else np.zeros(0, np.int64)
+    return indices, _passes(clip, image, masks, starts.tolist(), per_pass, config, device)
+
+
+def _passes(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor, starts, per_pass: int,
+            config: HybridGLConfig, device: torch.device | str, debug: dict | None = None) -> torch.Tensor:
+    """Features of masks[lo:lo + per_pass] for each lo of `starts`, one CLIP pass each, concatenated."""
     device = torch.device(device)
-    masks = torch.as_tensor(masks, device=device).bool()
-    n = masks.shape[0]
+    n = len(masks)
     dim = clip.visual_projection.out_features
-    if n == 0:
+    if n == 0 or not len(starts):
         return torch.zeros(0, dim, device=device)
     dtype = getattr(torch, config.dtype)
     grid = config.clip_input_size // clip_vit.patch_size(clip)
@@ -197,9 +229,8 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
     blurred = torch.from_numpy(blur(image, config.blur_kernel)).to(device)
     resampler = Resampler(image.shape[0], image.shape[1], config.clip_input_size, device)
     out = []
-    per_pass = config.feature_batch_size or (32 if device.type == "cuda" else 4)
-    for lo in range(0, n, per_pass):
-        batch = masks[lo:lo + per_pass]
+    for lo in starts:
+        batch = torch.as_tensor(masks[lo:lo + per_pass], device=device).bool()
         local = local_inputs(image01, batch, config, resampler)
         glob = global_inputs(sharp, blurred, batch, config, resampler)
         w = token_masks(batch, grid)

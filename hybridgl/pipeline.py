@@ -164,7 +164,7 @@ class PreparedView:
         props = Proposals(self.proposals.masks[idx], self.proposals.boxes_xywh[idx], self.proposals.quality[idx])
         with self.refining:  # fast mode: rows and their low-precision flags copied in one state
             features = self.features[torch.from_numpy(idx).to(self.features.device)]
-            low = self.low_precision.subset(idx) if self.low_precision is not None else None
+            low = self.low_precision.subset(idx, self.masks) if self.low_precision is not None else None
         return PreparedView(self.image, props, features, self.tokens, self.original_size, low)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
@@ -383,17 +383,16 @@ class HybridGL:
         return seg
 
     def _refine(self, view: PreparedView, rows: np.ndarray) -> None:
-        """Float32 features for `rows` of a fast-mode view (the probes' are already known)."""
+        """Float32 features for `rows` of a fast-mode view, as the exact mode computes them: in its
+        passes (`feature_batch_size` masks), so the other low rows of those passes become exact too."""
         lp = view.low_precision
-        known = [int(i) for i in rows if int(i) in lp.exact]
-        new = np.setdiff1d(rows, known).astype(np.int64)
-        if len(new):
-            view.features[torch.from_numpy(new).to(view.features.device)] = hybrid_features(
-                self.clip, view.image, view.masks[new], self.config, self.device)
-        for i in known:
-            view.features[i] = lp.exact.pop(i)
-        lp.low[rows] = False
-        log.debug("fast mode: %d of %d masks' features made exact", len(rows), len(lp.low))
+        done, features = lp.exact_rows(self.clip, view.image, view.masks, rows, self.config, self.device)
+        keep = lp.low[done]  # rows already exact keep theirs (the same numbers)
+        done = done[keep]
+        view.features[torch.from_numpy(done).to(view.features.device)] = features[torch.from_numpy(keep)].to(
+            view.features.device)
+        lp.low[done] = False
+        log.debug("fast mode: %d of %d masks' features made exact", len(done), len(lp.low))
         if not lp.low.any():
             view.low_precision = None
 

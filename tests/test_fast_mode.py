@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hybridgl import HybridGL, HybridGLConfig
 from hybridgl.fast import REPROBE_EVERY, FastHistory, LowPrecision, contested, decision_is_safe, feature_error, probe_indices
-from hybridgl.hybrid_features import hybrid_features
+from hybridgl.hybrid_features import Resampler, hybrid_features
 from hybridgl.pipeline import PreparedView
 from hybridgl.proposals import Proposals
 
@@ -72,6 +72,75 @@ def _explain(S, F_, P, R, k1, p=None, **extra):
     p = np.exp(S - S.max()) / np.exp(S - S.max()).sum() if p is None else np.asarray(p)
     return {"S": S, "p": p, "k1": np.int64(k1), "k2": np.int64(k1), "topk_I": I, "J_used": I,
             "R": np.asarray(R, np.float64), "P": np.asarray(P, np.float64), "F": np.asarray(F_, np.float64), **extra}
+
+
+def _tie_case(kind: str):
+    """Masks whose features tie in all but their last bits, and an expression that ranks them
+    first: (image, masks, expression).
+
+    duplicates: a 2x2 mask and the whole image twice. twin: the masks of a golden case and a copy
+    of one of them one row shorter, at a row that neither resize (to the CLIP input, to the token
+    grid) reads, so both give CLIP the same inputs but they are different masks (a different G).
+    """
+    if kind == "duplicates":
+        _, image, _ = load_case("p00_cup_left_of_plate")
+        rgb = np.asarray(image.convert("RGB"))
+        masks = np.ones((3, *rgb.shape[:2]), bool)
+        masks[0] = False
+        masks[0, 10:12, 10:12] = True
+        return rgb, masks, "smallest one"
+    data, image, _ = load_case("p01_red_ball")
+    rgb, masks = np.asarray(image.convert("RGB")), data["masks"]
+    h, w = rgb.shape[:2]
+    read = set(Resampler(h, w, 224).rows.tolist()) | set(Resampler(h, w, 14).rows.tolist())
+    free = [r for r in np.flatnonzero(masks[2].any(axis=1)) if r not in read]
+    twin = masks[2].copy()
+    twin[free[len(free) // 2]] = False
+    return rgb, np.concatenate([masks, twin[None]]), "person to the right of the car"
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "twin"])
+def test_fast_mode_breaks_ties_as_the_exact_mode(fast_model, kind):
+    """Masks that tie up to float32 rounding: the exact mode's choice between them turns on the
+    last bits of their features, and those depend on the pass that computed them (batch size,
+    place in the batch). The fast mode computed its float32 rows in other passes (the probes in
+    one of their own, the disputed masks together) and counted them as error-free, so it chose
+    the other mask of the tie: with the twin, a different mask (exact 2, fast 8). Its float32
+    rows now come from the exact mode's passes: the same bits, the same choices."""
+    image, masks, expression = _tie_case(kind)
+    exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
+                           config=fast_model.config.replace(fast=False))
+    exact_view = exact_model.prepare(image, proposals=masks)
+    expected = exact_model.segment(exact_view, expression)
+    view = fast_model.prepare(image, proposals=masks)
+    assert view.low_precision is not None
+    seg = fast_model.segment(view, expression)
+    assert seg.index == expected.index and seg.hybrid_index == expected.hybrid_index
+    for key in EXACT:
+        np.testing.assert_array_equal(seg.explain[key], expected.explain[key], err_msg=key)
+    exact_rows = np.arange(len(masks)) if view.low_precision is None else np.flatnonzero(~view.low_precision.low)
+    np.testing.assert_array_equal(view.features[exact_rows].numpy(), exact_view.features[exact_rows].numpy())
+
+
+def test_a_subset_of_a_fast_view_has_its_parents_exact_rows(fast_model):
+    """The exact mode's `subset` copies its parent's rows; a fast view's subset computes its
+    float32 rows in the parent's passes (its own would round them otherwise, and break the tie
+    of the twin case the other way)."""
+    image, masks, expression = _tie_case("twin")
+    exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
+                           config=fast_model.config.replace(fast=False))
+    exact_view = exact_model.prepare(image, proposals=masks)
+    view = fast_model.prepare(image, proposals=masks)
+    for allowed in ([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 7, 8]):
+        expected = exact_model.segment(exact_view.subset(allowed), expression)
+        part = view.subset(allowed)
+        assert part.low_precision is not None
+        seg = fast_model.segment(part, expression)
+        for key in EXACT:
+            np.testing.assert_array_equal(seg.explain[key], expected.explain[key], err_msg=f"{allowed}: {key}")
+        rows = np.arange(len(allowed)) if part.low_precision is None else np.flatnonzero(~part.low_precision.low)
+        np.testing.assert_array_equal(part.features[rows].numpy(), exact_view.features[np.asarray(allowed)[rows]].numpy())
+    assert view.low_precision is not None and view.low_precision.low.all()  # the parent is left as it was
 
 
 def test_decision_is_safe_propagates_the_error():
@@ -149,15 +218,19 @@ def test_score_bounds_hold_for_any_text_when_rows_are_mixed():
     assert shift_free_would_fail > 0
 
 
-def test_refinement_makes_only_the_disputed_masks_exact(fast_model):
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_refinement_makes_only_the_disputed_masks_exact(fast_model, per_pass):
     """A view whose low-precision error is small against most gaps of S (a stand-in for real
     weights, where features of different objects lie far apart): `segment` computes float32
-    features for the disputed masks only, keeps the others in low precision, and answers
-    exactly what the exact mode answers."""
+    features for the disputed masks only, in the exact mode's passes (`feature_batch_size` masks:
+    the disputed masks' pass-mates become exact with them), keeps the others in low precision,
+    and answers exactly what the exact mode answers, with the exact mode's features bit for bit."""
     data, image, parse = load_case(CASES[1])
     masks = data["masks"]
+    config = fast_model.config.replace(feature_batch_size=per_pass)
+    model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules", config=config)
     exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
-                           config=fast_model.config.replace(fast=False))
+                           config=config.replace(fast=False))
     exact_view = exact_model.prepare(image, proposals=masks)
     expected = exact_model.segment(exact_view, parse=parse)
     exact = exact_view.features
@@ -166,21 +239,22 @@ def test_refinement_makes_only_the_disputed_masks_exact(fast_model):
     noise = F.normalize(torch.randn(exact.shape, generator=gen), dim=-1) * exact.norm(dim=-1, keepdim=True) * 1e-4
     S = np.sort(expected.explain["S"])[::-1]
     gaps = np.diff(S)[::-1]  # a bound half the second-smallest gap of S disputes the closest pair only
-    spread = float(np.sort(np.abs(gaps))[1]) / 2 / fast_model.logit_scale * 0.99
+    spread = float(np.sort(np.abs(gaps))[1]) / 2 / model.logit_scale * 0.99
     props = Proposals.from_masks(masks, *masks.shape[1:])
     view = PreparedView(exact_view.image, props, exact + noise, exact_view.tokens,
                         low_precision=LowPrecision(np.ones(len(masks), bool), spread, 2 * spread))
-    before = contested(fast_model._segment(view, parse).explain,
-                       view.low_precision.score_bounds(fast_model.logit_scale), fast_model.config)
+    before = contested(model._segment(view, parse).explain,
+                       view.low_precision.score_bounds(model.logit_scale), model.config)
     assert 0 < len(before) < len(masks)
-    seg = fast_model.segment(view, parse=parse)
+    seg = model.segment(view, parse=parse)
     for key in EXACT:
         np.testing.assert_array_equal(seg.explain[key], expected.explain[key], err_msg=key)
     assert view.low_precision is not None  # some masks stayed low precision
     made_exact = np.flatnonzero(~view.low_precision.low)
     assert set(before.tolist()) <= set(made_exact.tolist()) and len(made_exact) < len(masks)
-    # float32 features of the same masks (computed in another batch: equal up to rounding)
-    np.testing.assert_allclose(view.features[made_exact].numpy(), exact[made_exact].numpy(), rtol=0, atol=1e-5)
+    passes = np.unique(made_exact // per_pass)  # whole passes, nothing else
+    assert made_exact.tolist() == [i for i in range(len(masks)) if i // per_pass in passes]
+    np.testing.assert_array_equal(view.features[made_exact].numpy(), exact[made_exact].numpy())
     kept = np.flatnonzero(view.low_precision.low)
     np.testing.assert_array_equal(view.features[kept].numpy(), (exact + noise)[kept].numpy())
 
