@@ -170,13 +170,13 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     unit = F.normalize(exact, dim=-1)
     delta = F.normalize(low, dim=-1) - unit
     spread = feature_error(delta) * config.fast_safety
-    if spread >= torch.cdist(unit, unit).max().item() / 2:
-        return hybrid_features(clip, image, masks, config, device), None
+    size = delta.norm(dim=-1).max().item() * config.fast_safety
+    if not (math.isfinite(spread) and math.isfinite(size)) or spread >= torch.cdist(unit, unit).max().item() / 2:
+        return hybrid_features(clip, image, masks, config, device), None  # (an overflow measures nothing)
     rest = np.setdiff1d(np.arange(n), probes)
     features = torch.empty(n, exact.shape[1], dtype=exact.dtype, device=exact.device)
     features[torch.from_numpy(probes).to(exact.device)] = low
     features[torch.from_numpy(rest).to(exact.device)] = hybrid_features(clip, image, masks[rest], low_config, device)
-    size = delta.norm(dim=-1).max().item() * config.fast_safety
     return features, LowPrecision(np.ones(n, bool), spread, size)
 
 
@@ -232,9 +232,15 @@ def contested(explain: dict[str, np.ndarray], e: np.ndarray, config: HybridGLCon
     """
     e = np.asarray(e, dtype=np.float64)
     S = np.asarray(explain["S"], dtype=np.float64)
+    S_neg = np.asarray(explain["S_neg"], np.float64) if "S_neg" in explain else None
+    # a low-precision overflow (inf or NaN features: float16 on a GPU) or an unknown bound: every
+    # comparison below would be False and call the choice sure; those masks are disputed first
+    broken = ~np.isfinite(S) | ~np.isfinite(e) | (~np.isfinite(S_neg) if S_neg is not None else False)
+    if broken.any():
+        return np.flatnonzero(broken).astype(np.int64)
     parts = [_top_k_contested(S, e, 1), _top_k_contested(S, e, int(explain["k1"]))]
-    if "S_neg" in explain:
-        parts.append(_top_k_contested(np.asarray(explain["S_neg"], np.float64), e, int(explain["k2"])))
+    if S_neg is not None:
+        parts.append(_top_k_contested(S_neg, e, int(explain["k2"])))
     F_ = np.asarray(explain["F"], dtype=np.float64)
     if len(F_) > 1:
         I, J = np.asarray(explain["topk_I"]), np.asarray(explain["J_used"])

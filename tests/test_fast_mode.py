@@ -143,6 +143,44 @@ def test_a_subset_of_a_fast_view_has_its_parents_exact_rows(fast_model):
     assert view.low_precision is not None and view.low_precision.low.all()  # the parent is left as it was
 
 
+@pytest.mark.parametrize("where", ["rest", "probe"])
+def test_an_overflow_in_low_precision_falls_back(fast_model, monkeypatch, where):
+    """float16 (the fast mode on a GPU) overflows where float32 does not: a mask's feature becomes
+    inf or NaN. Every comparison with NaN is False, so `contested` called such a decision sure and
+    the answer came from NaN scores. A mask's broken row is disputed (made exact) first; broken
+    probes measure no error, and prepare computes float32 at once."""
+    import hybridgl.fast as fast
+
+    data, image, parse = load_case(CASES[1])
+    masks = data["masks"]
+    probes = probe_indices(masks, fast_model.config.fast_probes)
+    victim = masks[int(probes[0]) if where == "probe" else int(np.setdiff1d(np.arange(len(masks)), probes)[0])]
+
+    def overflowing(clip, image, masks, config, device="cpu", debug=None):
+        out = hybrid_features(clip, image, masks, config, device)
+        if config.dtype != "float32":
+            out[[i for i, m in enumerate(masks) if np.array_equal(m, victim)]] = float("inf")
+        return out
+
+    monkeypatch.setattr(fast, "hybrid_features", overflowing)
+    view = fast_model.prepare(image, proposals=masks)
+    assert (view.low_precision is None) == (where == "probe")
+    seg = fast_model.segment(view, parse=parse)
+    for key in EXACT:
+        np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=key)
+    assert np.isfinite(view.features.numpy()).all()
+
+
+def test_contested_disputes_masks_whose_scores_or_bounds_are_not_finite():
+    cfg = HybridGLConfig()
+    explain = _explain([30.0, 20.0, 19.0, 10.0], F_=[0.9, 0.5, 0.4], P=[0.5, 0.3, 0.2], R=[0.6, 0.3, 0.1], k1=3)
+    assert contested(explain, np.full(4, 0.1), cfg).tolist() == []
+    assert contested({**explain, "S": np.array([30.0, 20.0, 19.0, np.inf])}, np.full(4, 0.1), cfg).tolist() == [3]
+    assert contested({**explain, "S_neg": np.array([1.0, np.nan, 0.0, 0.0]), "q": np.full(4, 0.25)},
+                     np.full(4, 0.1), cfg).tolist() == [1]
+    assert contested(explain, np.full(4, np.nan), cfg).tolist() == [0, 1, 2, 3]
+
+
 def test_decision_is_safe_propagates_the_error():
     """A clear choice is safe for a small error and not for a large one; near ties never are."""
     explain = _explain([30.0, 20.0, 19.0, 10.0], F_=[0.9, 0.5, 0.4], P=[0.5, 0.3, 0.2], R=[0.6, 0.3, 0.1], k1=3)
