@@ -389,8 +389,8 @@ class HybridGL:
         done, features = lp.exact_rows(self.clip, view.image, view.masks, rows, self.config, self.device)
         keep = lp.low[done]  # rows already exact keep theirs (the same numbers)
         done = done[keep]
-        view.features[torch.from_numpy(done).to(view.features.device)] = features[torch.from_numpy(keep)].to(
-            view.features.device)
+        device = view.features.device
+        view.features[torch.from_numpy(done).to(device)] = features[torch.from_numpy(keep).to(features.device)].to(device)
         lp.low[done] = False
         log.debug("fast mode: %d of %d masks' features made exact", len(done), len(lp.low))
         if not lp.low.any():
