@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -288,31 +289,25 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
         log.warning("the Ray cluster has room for %g of the %d model actors asked for (%g GPU, %g CPU each) now; "
                     "the run waits up to %g s for all of them to start (--ray-start-timeout), then stops",
                     fits, actors, gpus, cpus, options.start_timeout)
-    seen: set[int] = set()
-    rows, first, timed_out = iter(ds.iter_rows()), True, False
-    while True:
-        try:
-            with _quiet_start_timeout() if first else contextlib.nullcontext():
-                row = next(rows)  # the first call starts the execution, the actor pool's start among it
-        except StopIteration:
-            break
-        except ray.exceptions.GetTimeoutError:
-            if not first:
-                raise
-            timed_out = True
-            break
-        first = False
-        index = int(row["index"])
-        if index in seen:  # a retried item whose first result already arrived
-            continue
-        seen.add(index)
-        yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
-    if timed_out:
+    rows = iter(ds.iter_rows())
+    try:
+        with _quiet_start_timeout():  # the first row starts the execution, the actor pool's start among it
+            head = list(itertools.islice(rows, 1))
+    except ray.exceptions.GetTimeoutError:
+        head = None
+    if head is None:
         # Ray Data leaves that pool in a reference cycle: collected now, its actors end (and free their
         # resources) and the requests for those that never started are dropped, not at some later collection
         del rows, ds
         gc.collect()
         raise _start_timeout(ray, "the model actors", "actor", actors, gpus, cpus, options.start_timeout)
+    seen: set[int] = set()
+    for row in itertools.chain(head, rows):
+        index = int(row["index"])
+        if index in seen:  # a retried item whose first result already arrived
+            continue
+        seen.add(index)
+        yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
     for index in range(len(items)):
         if index not in seen:
             yield Result(index, error=f"lost: no result after {RETRIES + 1} attempts (the actor kept dying)")
