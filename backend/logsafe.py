@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import traceback
 from collections import OrderedDict
 from typing import Iterable
 
@@ -35,9 +36,29 @@ def escape_controls(text: str, keep: str = "") -> str:
     return _CONTROL.sub(escaped, text)
 
 
+def format_exception(exc_info) -> str:
+    """The traceback of `exc_info` as logging writes it, but with each exception's message (and notes)
+    of the chain on one line: the message holds request data (an image URL, a task id), and a newline
+    in it started a line of the sender's choosing; the traceback's own lines are kept."""
+    text = logging.Formatter().formatException(exc_info)
+    seen, pending = set(), [exc_info[1]]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        pending += [exc.__cause__, exc.__context__]
+        message = traceback.format_exception_only(type(exc), exc)[0]  # "Type: message\n"; the notes follow
+        notes = getattr(exc, "__notes__", None)
+        for part in [message.rstrip("\n"), *(notes if isinstance(notes, (list, tuple)) else ())]:
+            if isinstance(part, str) and _CONTROL.search(part):
+                text = text.replace(part, escape_controls(part))
+    return text
+
+
 class RedactingFilter(logging.Filter):
     """Rewrites each record's message (and traceback) with secrets replaced by [redacted] and control
-    characters escaped (a traceback keeps its newlines: it is many lines by nature)."""
+    characters escaped (a traceback keeps its own newlines, not those of the exceptions' messages)."""
 
     def __init__(self, secrets: Iterable[str] = (), keep: int = 256):
         super().__init__()
@@ -74,7 +95,7 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg, record.args = escape_controls(self.redact(message)), ()
         if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = format_exception(record.exc_info)
         if record.exc_text:
             record.exc_text = escape_controls(self.redact(record.exc_text), keep="\n")
         if record.stack_info:

@@ -535,3 +535,41 @@ def test_label_studio_on_a_link_local_address_is_refused(model, tmp_path):
         assert "error" not in r.get_json()["results"][0]
     finally:
         ls.close()
+
+
+def test_an_exception_message_in_a_traceback_cannot_forge_log_lines():
+    """A traceback keeps its lines, but an exception's message was written as it stood: an image URL or
+    task id with a newline in the message of a logged exception (log.exception, exc_info=True) started a
+    line of the attacker's choosing. Each message of the chain (cause, context, notes) is now one line."""
+    import io
+    import logging
+
+    from backend.logsafe import RedactingFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.forged.traceback")
+    logger.addHandler(handler)
+    logger.propagate = False
+    forged = "2024-01-01 00:00:00,000 ERROR backend: forged"
+    try:
+        try:
+            try:
+                raise OSError(f"cannot read http://h/a.png\n{forged}")
+            except OSError as exc:
+                err = ValueError(f"task 7\n{forged} cause")
+                err.add_note(f"note\n{forged} note")
+                raise err from exc
+        except ValueError:
+            logger.exception("task %s failed", 7)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert not [ln for ln in text.splitlines() if ln.startswith("2024-01-01")], text
+    for line in ("OSError: cannot read http://h/a.png\\n" + forged, "ValueError: task 7\\n" + forged + " cause",
+                 "note\\n" + forged + " note"):
+        assert line in text.splitlines(), text
+    assert "The above exception was the direct cause of the following exception:" in text.splitlines()
+    assert text.count("Traceback (most recent call last):") == 2
