@@ -193,6 +193,9 @@ def prepare_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, conf
     return features, low
 
 
+F_ROUNDING = 8 * float(np.finfo(np.float32).eps)  # a float32 final score's rounding, relative to the largest
+
+
 def _top_k_contested(S: np.ndarray, e: np.ndarray, k: int) -> np.ndarray:
     """Masks whose error could move them across the boundary of the k largest S (empty: sure)."""
     if k >= len(S):
@@ -227,7 +230,7 @@ def contested(explain: dict[str, np.ndarray], e: np.ndarray, config: HybridGLCon
     moves by at most a_i = e_i + the normaliser's shift, R_i (sums of products of p_i and a
     partner's probability, or of p_i alone) by a factor within exp(+-(a_i + max_J a')), P =
     softmax(R) by a factor within exp(+-2 max|dR|), so F_i by at most (1 - alpha) P_i (exp(2
-    max|dR|) - 1). Where F's argmax is not sure, the candidates that could still win and the
+    max|dR|) - 1), plus its float32 rounding (F_ROUNDING). Where F's argmax is not sure, the candidates that could still win and the
     partners J are named.
     """
     e = np.asarray(e, dtype=np.float64)
@@ -249,6 +252,9 @@ def contested(explain: dict[str, np.ndarray], e: np.ndarray, config: HybridGLCon
         b = np.minimum(a[I] + a_partner[J].max(), 700.0)
         dR = float(np.max(np.asarray(explain["R"], np.float64) * np.expm1(b)))
         dF = (1 - config.alpha) * np.asarray(explain["P"], np.float64) * math.expm1(min(2 * dR, 700.0))
+        # F is float32 in both modes, from softmaxes whose normalisers sum different rows: their last
+        # bits may differ even where the bound above is ~0 (the low rows have almost no probability)
+        dF += F_ROUNDING * float(np.abs(F_).max())
         top = int(np.argsort(-F_, kind="stable")[0])
         rivals = np.delete(F_ + dF, top)
         if F_[top] - dF[top] <= rivals.max():

@@ -195,8 +195,25 @@ def test_decision_is_safe_propagates_the_error():
     eps = 0.01
     grow = math.expm1(2 * 0.6 * math.expm1(4 * eps))
     gap = (1 - cfg.alpha) * (0.5 + 0.3) * grow
+    # and each F_i by its float32 rounding (8 ulps of the largest F: F is float32 in both modes)
+    gap += 2 * 8 * float(np.finfo(np.float32).eps) * (0.5 + gap)
     assert decision_is_safe({**explain, "F": np.array([0.5 + gap + 1e-9, 0.5, 0.1])}, eps, cfg)
     assert not decision_is_safe({**explain, "F": np.array([0.5 + gap - 1e-9, 0.5, 0.1])}, eps, cfg)
+
+
+def test_a_final_tie_within_float32_rounding_is_never_sure():
+    """The final scores F are float32 in both modes, computed from softmaxes whose normalisers sum
+    different low-precision rows: where the error bound of the rows left in low precision is
+    negligible (they have almost no probability), the two modes' F can still differ in their last
+    bits. A final margin below that rounding was called sure, and the fast mode could pick the
+    other of two candidates one ulp apart."""
+    cfg = HybridGLConfig()
+    one_ulp = float(np.spacing(np.float32(0.9)))
+    explain = _explain([30.0, 25.0, 20.0, -80.0], F_=[0.9 + one_ulp, 0.9, 0.4], P=[0.4, 0.4, 0.2],
+                       R=[0.5, 0.4, 0.1], k1=3)
+    e = np.array([0.0, 0.0, 0.0, 1e-3])  # the candidates exact; the low row's p is ~e-48
+    assert contested(explain, e, cfg).tolist() == [0, 1, 2]
+    assert contested({**explain, "F": np.array([0.95, 0.9, 0.4])}, e, cfg).tolist() == []
 
 
 def test_contested_names_only_the_masks_of_the_close_decision():
