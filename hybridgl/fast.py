@@ -230,8 +230,8 @@ def contested(explain: dict[str, np.ndarray], e: np.ndarray, config: HybridGLCon
     moves by at most a_i = e_i + the normaliser's shift, R_i (sums of products of p_i and a
     partner's probability, or of p_i alone) by a factor within exp(+-(a_i + max_J a')), P =
     softmax(R) by a factor within exp(+-2 max|dR|), so F_i by at most (1 - alpha) P_i (exp(2
-    max|dR|) - 1), plus its float32 rounding (F_ROUNDING). Where F's argmax is not sure, the candidates that could still win and the
-    partners J are named.
+    max|dR|) - 1), plus its float32 rounding (F_ROUNDING). Where F's argmax is not sure, the
+    candidates that could still win and the partners J are named.
     """
     e = np.asarray(e, dtype=np.float64)
     S = np.asarray(explain["S"], dtype=np.float64)
