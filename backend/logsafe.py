@@ -1,7 +1,8 @@
 """Secrets never reach the logs: query strings (presigned-URL signatures, a webhook secret),
 Authorization values and the backend's own secrets are redacted from every record, at every level.
 Nor can a request forge a log line: control characters in a message (a newline in a task id, project
-id, image URL or webhook field) are escaped, so every record stays one line.
+id, image URL or webhook field) are escaped, so every record stays one line (a traceback: its own
+lines, with each exception's message on one).
 
 `RedactingFilter` is installed on the process's log handlers (`install`), so it also covers records
 of other libraries (urllib3 logs request lines with their query at DEBUG, werkzeug logs every request).
