@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -129,10 +131,16 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+LOCK_FILE = ".hybridgl-download.lock"  # only where a directory cannot be flocked (NFS)
+_IN_PROCESS = threading.Lock()  # a POSIX lock does not exclude the threads of the process that holds it
+
+
 @contextlib.contextmanager
 def _dir_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock between processes on `directory` (a backend and a batch job sharing MODEL_DIR
-    must not write one .part together); flock on the directory itself, so no lock file is left."""
+    must not write one .part together); flock on the directory itself, so no lock file is left.
+    NFS refuses flock on a directory (ENOLCK; it emulates flock with POSIX locks, which need an open
+    file): there a POSIX lock on LOCK_FILE, which the server arbitrates between nodes."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -141,13 +149,35 @@ def _dir_lock(directory: Path) -> Iterator[None]:
     fd = os.open(directory, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is downloading into %s: waiting for it", directory)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            _wait_for(fcntl.flock, fd, directory)
+            flocked = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            flocked = False
+        if flocked:
+            yield
+            return
+        with _IN_PROCESS:
+            lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                _wait_for(fcntl.lockf, lock, directory)
+                yield
+            finally:
+                os.close(lock)  # releases the lock
     finally:
         os.close(fd)  # releases the lock
+
+
+def _wait_for(lock, fd: int, directory: Path) -> None:
+    """lock(fd, exclusive), saying so when another process holds it."""
+    import fcntl
+
+    try:
+        lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # lockf says EACCES or EAGAIN, flock EWOULDBLOCK
+        log.info("another process is downloading into %s: waiting for it", directory)
+        lock(fd, fcntl.LOCK_EX)
 
 
 class _Retryable(Exception):

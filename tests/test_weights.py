@@ -438,6 +438,73 @@ def test_concurrent_downloads_fetch_once(env, server):
     assert sam_path(env).read_bytes() == PAYLOAD and len(server.requests) == 1
 
 
+@pytest.fixture
+def nfs_flock(monkeypatch):
+    """flock as on an NFS mount: refused on a directory (NFSv4 keeps no open state for one, ENOLCK)."""
+    import errno
+    import fcntl
+    import stat
+
+    real = fcntl.flock
+
+    def flock(fd, operation):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_downloads_into_a_model_dir_on_nfs(env, server, nfs_flock):
+    """docs/ray.md puts MODEL_DIR on NFS for the Ray workers, where flock on the directory is refused:
+    the download raised OSError (ENOLCK) before fetching a byte. A POSIX lock on a lock file (which NFS
+    carries to the server) now excludes the other loaders, threads of one process included."""
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(weights.resolve_sam_checkpoint(TYPE, progress=False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == [sam_path(env)] * 3, errors
+    assert sam_path(env).read_bytes() == PAYLOAD and len(server.requests) == 1
+
+
+def test_on_nfs_another_process_downloading_is_waited_for(env, server, nfs_flock, caplog):
+    """Another node (a process here) holding the lock file's POSIX lock: the download waits for it."""
+    import logging
+
+    folder = sam_path(env).parent
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.lockf(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\nsys.stdin.readline()", str(folder / weights.LOCK_FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        done = []
+        worker = threading.Thread(target=lambda: done.append(weights.resolve_sam_checkpoint(TYPE, progress=False)))
+        with caplog.at_level(logging.INFO, logger="hybridgl.weights"):
+            worker.start()
+            worker.join(3)
+            assert worker.is_alive() and not server.requests  # waiting on the other process
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            worker.join(60)
+        assert done == [sam_path(env)] and len(server.requests) == 1
+        assert "another process is downloading" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_clip_in_the_hugging_face_cache_is_used_offline(env, monkeypatch):
     """A model already in HF_HOME's hub cache (e.g. from an earlier transformers run) is found offline."""
     repo = env / "hf" / "hub" / "models--org--cached"
