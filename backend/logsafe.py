@@ -108,10 +108,10 @@ REDACTOR = RedactingFilter()  # one per process, as logging itself is
 
 
 def install(redactor: RedactingFilter = REDACTOR, loggers: Iterable[str] = ("", "gunicorn.error", "gunicorn.access",
-                                                                 "werkzeug")) -> None:
-    """Adds `redactor` to every handler of these loggers (the root's catch all propagated records), and
-    to Python's last-resort handler, which writes WARNING and above where no handler was configured
-    (a Ray worker)."""
+                                                                 "werkzeug", "ray.serve")) -> None:
+    """Adds `redactor` to every handler of these loggers (the root's catch all propagated records; Ray
+    Serve's do not propagate, and in a replica they write what the app prints too), and to Python's
+    last-resort handler, which writes WARNING and above where no handler was configured (a Ray worker)."""
     handlers = [h for name in loggers for h in logging.getLogger(name).handlers]
     if logging.lastResort is not None:
         handlers.append(logging.lastResort)

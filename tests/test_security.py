@@ -573,3 +573,28 @@ def test_an_exception_message_in_a_traceback_cannot_forge_log_lines():
         assert line in text.splitlines(), text
     assert "The above exception was the direct cause of the following exception:" in text.splitlines()
     assert text.count("Traceback (most recent call last):") == 2
+
+
+def test_ray_serve_replicas_own_log_is_filtered_too(monkeypatch):
+    """In a Ray Serve replica, Serve writes its own records (a replica call's exception, with the
+    request's data in its message) through the "ray.serve" logger's handlers, which do not propagate
+    to the root: `install` covered the root's, gunicorn's and werkzeug's handlers only."""
+    import io
+    import logging
+
+    from backend import logsafe
+
+    serve_logger = logging.getLogger("ray.serve")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    monkeypatch.setattr(serve_logger, "handlers", [handler])
+    monkeypatch.setattr(serve_logger, "propagate", False)
+    redactor = logsafe.RedactingFilter(["serve-secret-1"])
+    logsafe.install(redactor)
+    try:
+        serve_logger.error("replica call failed: task 7\nERROR forged, token serve-secret-1")
+    finally:
+        for h in [*logging.getLogger().handlers, logging.lastResort]:
+            if h is not None:
+                h.removeFilter(redactor)
+    assert stream.getvalue() == "replica call failed: task 7\\nERROR forged, token [redacted]\n"
