@@ -52,8 +52,11 @@ class RayOptions:
       "HOST:PORT" (the head's GCS) or "ray://HOST:10001" (Ray Client) joins that one.
     actors: model actors; default one per GPU of the cluster (divided by gpus_per_actor), else 1.
     gpus_per_actor: default 1 when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU.
-    cpus_per_actor, load_cpus: CPUs reserved per model actor and per fetch/decode task (fractions
-      let a small node run both stages: Ray Data waits forever for a CPU it cannot get).
+    cpus_per_actor, load_cpus: CPUs reserved per model actor and per fetch/decode task. When the
+      actors may take every CPU of the cluster's nodes (2 actors of 1 CPU on a 2-CPU machine, or 8
+      GPU actors of 1 CPU on a node with 8 GPUs and 8 CPUs), the load tasks reserve none, at most one
+      per actor at a time, instead: Ray Data would otherwise wait for a CPU for them, silently, until its
+      no-progress timeout (30 min) ended the run with an internal error.
     start_timeout: seconds for every model actor of a run to be placed on the cluster and to build
       its model (`factory()`, in its constructor) before the run stops with RayStartTimeout. Ray
       would wait forever for resources no node has (a GPU on a CPU-only cluster); an autoscaling
@@ -164,15 +167,36 @@ def _is_device_failure(exc: BaseException) -> bool:
     return any(sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory"))
 
 
+def _node_room(node: dict, gpus: float, cpus: float) -> float:
+    """How many actors of (gpus, cpus) a node's resources could hold if nothing else ran there."""
+    return min(math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else math.inf,
+               math.floor(node.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else math.inf)
+
+
 def _room(ray, gpus: float, cpus: float) -> tuple[list[dict], float]:
     """The live nodes' resources, and how many actors of (gpus, cpus) they could hold if nothing else ran."""
     nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    return nodes, sum(_node_room(n, gpus, cpus) for n in nodes)
 
-    def room(node: dict) -> float:
-        return min(math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else math.inf,
-                   math.floor(node.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else math.inf)
 
-    return nodes, sum(room(n) for n in nodes)
+def _loads_may_starve(nodes: list[dict], actors: int, gpus: float, cpus: float, load_cpus: float) -> bool:
+    """Whether `actors` model actors of (gpus, cpus) may leave no node `load_cpus` CPUs for a load task.
+    Ray places them as it likes, so the worst placement is assumed: each node that can keep a load
+    task's CPUs is filled with just enough actors to take them, and those must be no more than `actors`."""
+    if load_cpus <= 0:
+        return False
+    needed = 0
+    for node in nodes:
+        spare = node.get("CPU", 0.0) - load_cpus
+        if spare < -1e-9:
+            continue  # never has room for a load task
+        if cpus <= 0:
+            return False  # the actors take no CPU: this node keeps its own
+        fill = math.floor(spare / cpus + 1e-9) + 1  # actors that leave it less than load_cpus
+        if fill > _node_room(node, gpus, cpus):
+            return False  # it keeps a load task's CPUs however many actors it holds
+        needed += fill
+    return needed <= actors
 
 
 def _start_timeout(ray, what: str, noun: str, actors: int, gpus: float, cpus: float,
@@ -280,11 +304,19 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
     # constructor, the model's loading included, has run; by default (-1) Ray Data does not wait but
     # streams to the actors that started, and without any it waits forever, saying nothing
     ctx.wait_for_min_actors_s = options.start_timeout
-    ds = ds.map(_Load(load), num_cpus=options.load_cpus)
+    log.info("Ray: %d model actors (%g GPU, %g CPU each) for %d items", actors, gpus, cpus, len(items))
+    nodes, fits = _room(ray, gpus, cpus)
+    load_cpus, load_pool = options.load_cpus, ray.data.TaskPoolStrategy()
+    if _loads_may_starve(nodes, actors, gpus, cpus, load_cpus):
+        # the started actors would hold every CPU a load task could get: Ray Data starts its actors first
+        # and its load tasks then stay pending, silently, until its no-progress timeout (30 min) fails the
+        # run with an internal error. Without a CPU to count, it would run a load process per item at once
+        load_cpus, load_pool = 0.0, ray.data.TaskPoolStrategy(size=actors)
+        log.info("the model actors may take every CPU of the Ray cluster: the load tasks reserve no CPU "
+                 "(at most %d at a time)", actors)
+    ds = ds.map(_Load(load), num_cpus=load_cpus, compute=load_pool)
     ds = ds.map(_Worker, fn_constructor_args=(factory, work), compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus, num_gpus=gpus, ray_remote_args_fn=_actor_options)
-    log.info("Ray: %d model actors (%g GPU, %g CPU each) for %d items", actors, gpus, cpus, len(items))
-    fits = _room(ray, gpus, cpus)[1]
     if fits < actors:  # said now, not only when the wait for them ends (an autoscaler may add nodes meanwhile)
         log.warning("the Ray cluster has room for %g of the %d model actors asked for (%g GPU, %g CPU each) now; "
                     "the run waits up to %g s for all of them to start (--ray-start-timeout), then stops",

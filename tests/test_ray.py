@@ -354,6 +354,40 @@ def test_actors_the_cluster_cannot_place_end_the_run_with_what_was_asked_and_wha
     assert "did not start the model probe" in str(error) and "1 task with 1 GPU" in str(error)
 
 
+def test_actors_that_take_every_cpu_leave_the_load_tasks_room(ray_address, caplog):
+    """Model actors that took every CPU of the cluster (2 of 1 CPU, or 1 of 2, on these 2 CPUs) all
+    started, so the start timeout never fired, and then Ray Data waited, saying nothing, for a CPU for
+    the load tasks (it had submitted them; Ray held them pending). Now the load tasks reserve no CPU
+    when the actors may take them all, at most one per actor at a time, and the run completes."""
+    for actors, cpus in ((2, 1.0), (1, 2.0)):
+        caplog.clear()
+        options = distributed.RayOptions(actors=actors, cpus_per_actor=cpus, start_timeout=60)
+        with caplog.at_level(logging.INFO, logger="hybridgl.distributed"):
+            kind, results = _within(90, lambda: list(distributed.run_grouped([0, 1, 2], _identity, lambda: None,
+                                                                             _times_ten, options)))
+        assert kind == "value" and sorted((r.index, r.value, r.error) for r in results) == [
+            (0, 0, None), (1, 10, None), (2, 20, None)], results
+        assert any("the load tasks reserve no CPU" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_load_tasks_keep_their_cpus_when_the_actors_cannot_take_them_all():
+    """Ray places the actors where it likes: the load tasks reserve no CPU when some placement of
+    the actors leaves no node a load task's CPUs (the worst one is assumed), and keep them otherwise."""
+    starve = distributed._loads_may_starve
+    two = [{"CPU": 2.0}]
+    assert starve(two, 2, 0.0, 1.0, 0.25) and starve(two, 1, 0.0, 2.0, 0.25)
+    assert not starve(two, 1, 0.0, 1.0, 0.25) and not starve(two, 2, 0.0, 0.5, 0.25)
+    assert not starve(two, 1, 0.0, 1.75, 0.25) and starve(two, 1, 0.0, 1.8, 0.25)  # 0.25 left, then 0.2
+    assert not starve(two, 4, 0.0, 0.0, 0.25) and not starve(two, 4, 0.0, 1.0, 0.0)  # no CPU taken or needed
+    # fragments: 2 actors of 0.9 CPU on 2 nodes of 1 CPU leave 0.1 on each
+    assert starve([{"CPU": 1.0}, {"CPU": 1.0}], 2, 0.0, 0.9, 0.25)
+    assert not starve([{"CPU": 1.0}, {"CPU": 1.0}], 1, 0.0, 0.9, 0.25)
+    # GPU actors cannot take a CPU-only node's CPUs; a GPU node's 8 CPUs go to its 8 GPU actors
+    gpu_node, cpu_node = {"CPU": 8.0, "GPU": 8.0}, {"CPU": 4.0}
+    assert not starve([gpu_node, cpu_node], 8, 1.0, 1.0, 0.25) and starve([gpu_node], 8, 1.0, 1.0, 0.25)
+    assert not starve([gpu_node], 7, 1.0, 1.0, 0.25)
+
+
 def test_evaluate_stops_with_an_error_when_the_pool_cannot_start(setup, ray_address, tmp_path):
     """The probe fits (one actor's resources), the pool of two does not: exit status 2, the error on
     stderr (not Ray Data's internal traceback), no prediction line written."""
@@ -381,3 +415,4 @@ def test_the_start_timeout_option_is_a_finite_positive_number_of_seconds():
     with pytest.raises(SystemExit) as exit_:  # the command refuses it before connecting anywhere
         preannotate.parse_args(["--project", "1", "--ray", "--ray-start-timeout", "0"])
     assert exit_.value.code == 2
+
