@@ -416,3 +416,20 @@ def test_the_start_timeout_option_is_a_finite_positive_number_of_seconds():
         preannotate.parse_args(["--project", "1", "--ray", "--ray-start-timeout", "0"])
     assert exit_.value.code == 2
 
+
+def test_evaluate_refuses_a_bad_ray_option_before_reading_the_dataset(tmp_path, capsys, monkeypatch):
+    """`hybridgl evaluate` checked the --ray-* values only after loading the dataset (minutes for a
+    large split), and a missing dataset was the error reported instead: they are checked first."""
+    from hybridgl import cli
+    from hybridgl.evaluation import datasets
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the dataset was read before the --ray options were checked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_reading)
+    status = cli.main(["evaluate", "--dataset", "refcoco", "--split", "val", "--data-root", str(tmp_path / "absent"),
+                       "--out", str(tmp_path / "run"), "--ray", "--ray-cpus-per-actor", "-1"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--ray-cpus-per-actor must be a finite number" in err, err
+    assert "absent" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

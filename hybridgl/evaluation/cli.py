@@ -133,8 +133,14 @@ def _print_result(metrics: dict, out_dir: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from hybridgl.distributed import RayUnavailable, options_from_args
+
     from . import runner
 
+    try:  # before any work: a bad --ray-* value is not reported after minutes of loading the dataset
+        ray_options = options_from_args(args)
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from exc
     targets = _targets(args)
     plots = not args.no_plots
     if args.predictions and args.label_studio_export:
@@ -169,9 +175,6 @@ def main(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args)  # fail on a bad layout before loading any model
     if args.ablation:
         args.set = [f"{k}={json.dumps(v)}" for k, v in ABLATIONS[args.ablation].items()] + list(args.set or [])
-    from hybridgl.distributed import RayUnavailable, options_from_args
-
-    ray_options = options_from_args(args)
     out_dir = Path(args.out)
     run_options = dict(progress=not args.no_progress, overwrite=args.overwrite, good_iou=args.good_iou,
                        targets=targets, plots=plots)
