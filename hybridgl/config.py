@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,6 +101,7 @@ class HybridGLConfig:
     calibration_coef: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.fusion_mode not in FUSION_MODES:
             raise ValueError(f"fusion_mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -112,6 +114,13 @@ class HybridGLConfig:
             raise ValueError("gem_blocks must lie in [0, 12] (the last blocks of CLIP's 12)")
         if self.k1 < 1 or self.k2 < 1:
             raise ValueError("k1 and k2 must be at least 1")
+        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor", "clip_input_size",
+                     "gem_input_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("crop_n_layers", "gem_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError("blur_kernel must be a positive odd number")
         for name in ("black", "black_big", "black_small"):
@@ -136,6 +145,32 @@ class HybridGLConfig:
             from .calibration import check_calibration  # noqa: PLC0415 - the feature names live there
 
             check_calibration(self.calibration_features, self.calibration_coef)
+
+    def _check_types(self) -> None:
+        """Each scalar key holds its annotated type: a switch a bool (the string "False" is truthy), a
+        count an integer, a weight a number. numpy numbers become Python ones (the fingerprint is JSON)."""
+        for f in dataclasses.fields(self):
+            kind = str(f.type).replace(" | None", "")
+            if kind not in ("bool", "int", "float", "str"):
+                continue  # tuples: converted below
+            value = getattr(self, f.name)
+            if value is None:
+                if not str(f.type).endswith("| None"):
+                    raise ValueError(f"{f.name} must be a {kind}, got None")
+                continue
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "str":
+                ok = isinstance(value, str)
+            else:
+                ok = not isinstance(value, bool) and isinstance(
+                    value, numbers.Integral if kind == "int" else numbers.Real)
+            if not ok:
+                raise ValueError(f"{f.name} must be a {kind}, got {value!r}")
+            if kind == "int" and type(value) is not int:
+                object.__setattr__(self, f.name, int(value))
+            elif kind == "float" and type(value) not in (int, float):
+                object.__setattr__(self, f.name, float(value))
 
     def replace(self, **changes: Any) -> "HybridGLConfig":
         return dataclasses.replace(self, **changes)
