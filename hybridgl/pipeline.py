@@ -432,9 +432,10 @@ class HybridGL:
 
         # Coherence map, position prior and the guidance score of every mask.
         size = view.size
-        if view.tokens is not None:
+        if cfg.use_coherence:  # this model's switch, whichever model prepared the view
+            tokens = view.tokens if view.tokens is not None else gem_tokens(self.clip, view.image, cfg, dev)
             gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev)
-            A = coherence_map(view.tokens, gem_text, size, cfg)
+            A = coherence_map(tokens, gem_text, size, cfg)
         else:
             A = torch.ones(size, device=dev)
         direction = parse.direction if cfg.use_position_prior else "none"
