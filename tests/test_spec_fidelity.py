@@ -129,26 +129,29 @@ PARSES = {
     "two others": ParsedExpression("the bird left of the tree and the sky", "the bird", ("the tree", "the sky"),
                                    "left", "left"),
 }
-CONFIGS = {
-    "defaults": {},
-    "k beyond N": {"k1": 20, "k2": 50},
-    "k1 one, k2 two": {"k1": 1, "k2": 2},
-    "alpha 0": {"alpha": 0.0},
-    "alpha 1": {"alpha": 1.0},
-    "no relation": {"use_relation": False},
-    "no coherence": {"use_coherence": False},
-    "no position": {"use_position_prior": False},
-    "vertical prior": {"vertical_prior": True},
-    "b values": {"black": 1.2, "black_big": 2.0, "black_small": 0.5},
-    "sentence only": {"sentence_weight": 1.0},
+SOME = ("left", "big", "none", "two others")
+CONFIGS = {  # name: (overrides, the parses it is checked on)
+    "defaults": ({}, tuple(PARSES)),
+    "k beyond N": ({"k1": 20, "k2": 50}, ("left", "within", "none")),
+    "k1 one, k2 two": ({"k1": 1, "k2": 2}, ("left", "small", "none")),
+    "alpha 0": ({"alpha": 0.0}, SOME),
+    "alpha 1": ({"alpha": 1.0}, SOME),
+    "no relation": ({"use_relation": False}, ("left", "big", "small")),
+    "no coherence": ({"use_coherence": False}, SOME),
+    "no position": ({"use_position_prior": False}, SOME),
+    "vertical prior": ({"vertical_prior": True}, ("up", "down", "left")),
+    "b values": ({"black": 1.2, "black_big": 2.0, "black_small": 0.5}, ("big", "small", "none")),
+    "sentence only": ({"sentence_weight": 1.0}, ("left", "none")),
 }
 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 def test_choice_follows_the_spec_formulas(tiny_clip_pair, prepared, config_name):
-    cfg = HybridGLConfig(**CONFIGS[config_name])
+    overrides, parse_names = CONFIGS[config_name]
+    cfg = HybridGLConfig(**overrides)
     model = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config=cfg)
-    for parse_name, parse in PARSES.items():
+    for parse_name in parse_names:
+        parse = PARSES[parse_name]
         seg = model.segment(prepared, parse=parse)
         e = seg.explain
         want = spec_choice(prepared, e, parse, cfg)
@@ -181,3 +184,134 @@ def test_coherence_switch_is_honoured_at_segment_time(tiny_clip_pair, prepared):
     without = off.segment(prepared, parse=parse).explain
     assert (without["gem_A"] == 1).all()
     np.testing.assert_allclose(without["G"], off.segment(bare, parse=parse).explain["G"], atol=1e-6)
+
+
+# -- spec 2: the feature settings a configuration may change ------------------------------------
+
+def _small_case():
+    rng = np.random.RandomState(3)
+    image = (rng.rand(90, 120, 3) * 255).astype(np.uint8)
+    masks = np.zeros((2, 90, 120), bool)
+    masks[0, 10:50, 20:70] = True
+    masks[1, 40:, 60:] = True  # touches the bottom and right borders
+    return image, masks
+
+
+def test_blur_kernel_and_normalisation_are_honoured():
+    """Global input (spec 2): sharp inside, the k x k Gaussian blur (OpenCV sigma 0, reflect-101)
+    outside, /255, bilinear 224 without antialias, ImageNet mean/std; local input: x*m + (1-m)*fill."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from hybridgl.hybrid_features import global_inputs, local_inputs
+
+    image, masks = _small_case()
+    cfg = HybridGLConfig(blur_kernel=5, fill_value=(0.1, -0.2, 0.3), image_mean=(0.5, 0.5, 0.5),
+                         image_std=(0.25, 0.5, 1.0))
+    blurred = cv2.GaussianBlur(image, (5, 5), 0, borderType=cv2.BORDER_REFLECT_101)
+    mean, std = np.array(cfg.image_mean)[:, None, None], np.array(cfg.image_std)[:, None, None]
+    resize = lambda a: F.interpolate(torch.from_numpy(a[None]).float(), size=(224, 224), mode="bilinear",  # noqa: E731
+                                     align_corners=False, antialias=False)[0].numpy()
+    m = torch.from_numpy(masks)
+    ours_g = global_inputs(torch.from_numpy(image), torch.from_numpy(blurred), m, cfg).numpy()
+    ours_l = local_inputs(torch.from_numpy(image).permute(2, 0, 1).float() / 255, m, cfg).numpy()
+    for i, mask in enumerate(masks):
+        composite = np.where(mask[..., None], image, blurred).transpose(2, 0, 1) / 255.0
+        np.testing.assert_allclose(ours_g[i], (resize(composite) - mean) / std, atol=1e-5)
+        x = (image.transpose(2, 0, 1) / 255.0 - mean) / std
+        local = x * mask + (1 - mask) * np.array(cfg.fill_value)[:, None, None]
+        np.testing.assert_allclose(ours_l[i], resize(local), atol=1e-5)
+    from hybridgl.hybrid_features import blur
+    np.testing.assert_array_equal(blur(image, 5), blurred)
+
+
+def test_beta_zero_leaves_the_local_branch_alone(tiny_clip_pair):
+    """H_b = X_L + beta * (w . X_G): with beta = 0 the G2L feature is the local branch's own."""
+    from hybridgl.hybrid_features import hybrid_features
+
+    clip, _ = tiny_clip_pair
+    image, masks = _small_case()
+    g2l = hybrid_features(clip, image, masks, HybridGLConfig(beta=0.0))
+    local = hybrid_features(clip, image, masks, HybridGLConfig(fusion_mode="local"))
+    np.testing.assert_allclose(g2l.numpy(), local.numpy(), atol=1e-5)
+    assert not np.allclose(hybrid_features(clip, image, masks, HybridGLConfig(beta=1.0)).numpy(), local.numpy(),
+                           atol=1e-3)
+
+
+# -- spec 5: every keyword of the lists, the earliest-head rule and its ties, null words ----------
+
+from hybridgl.parsing import Word, analyze  # noqa: E402
+
+SPEC_RELATIONS = {"left": "left west", "right": "right east", "up": "above north top back behind",
+                  "down": "below south under front", "big": "bigger larger closer",
+                  "small": "smaller tinier further smallest", "within": "inside within contained"}
+SPEC_DIRECTIONS = {"left": "left", "right": "right", "middle": "middle between", "up": "up top above",
+                   "down": "down under bottom low"}
+
+
+def _tree(*words):
+    """(text, upos, head, deprel) with 0-based heads, the root pointing to itself."""
+    return [Word(*w) for w in words]
+
+
+@pytest.mark.parametrize("word", sorted({w for v in (*SPEC_RELATIONS.values(), *SPEC_DIRECTIONS.values())
+                                         for w in v.split()}))
+def test_every_listed_keyword_gives_its_classes(word):
+    """"the cup <word> the plate", the keyword hanging off "plate": its relation class (RIGHT fires,
+    the deliberate fix) and its direction class, as listed in spec 5."""
+    words = _tree(("the", "DET", 1, "det"), ("cup", "NOUN", 1, "root"), (word, "ADP", 4, "case"),
+                  ("the", "DET", 4, "det"), ("plate", "NOUN", 1, "nmod"))
+    parse = analyze(words, "test")
+    relation = next((c for c, ws in SPEC_RELATIONS.items() if word in ws.split()), "none")
+    direction = next((c for c, ws in SPEC_DIRECTIONS.items() if word in ws.split()), "none")
+    assert (parse.relation, parse.direction) == (relation, direction)
+    assert parse.noun_phrase == "the cup" and parse.other_nouns == ("the plate",)
+
+
+def test_earliest_head_wins_and_ties_go_to_the_first_word():
+    # "the cup under the plate left of the bowl": under -> plate (4), left -> bowl (8): under's head is earlier
+    words = _tree(("the", "DET", 1, "det"), ("cup", "NOUN", 1, "root"), ("under", "ADP", 4, "case"),
+                  ("the", "DET", 4, "det"), ("plate", "NOUN", 1, "nmod"), ("left", "ADV", 8, "advmod"),
+                  ("of", "ADP", 8, "case"), ("the", "DET", 8, "det"), ("bowl", "NOUN", 4, "nmod"))
+    assert (analyze(words, "test").relation, analyze(words, "test").direction) == ("down", "down")
+    # the same words with "left" hanging off the cup (1): now left's head is the earliest
+    words[5] = Word("left", "ADV", 1, "advmod")
+    assert (analyze(words, "test").relation, analyze(words, "test").direction) == ("left", "left")
+    # two keywords on one head: the first in the sentence wins, for each class
+    tie = _tree(("smaller", "ADJ", 2, "amod"), ("left", "ADJ", 2, "amod"), ("box", "NOUN", 2, "root"))
+    assert (analyze(tie, "test").relation, analyze(tie, "test").direction) == ("small", "left")
+    tie = _tree(("left", "ADJ", 2, "amod"), ("smaller", "ADJ", 2, "amod"), ("box", "NOUN", 2, "root"))
+    assert analyze(tie, "test").relation == "left"
+
+
+@pytest.mark.parametrize("null", ["part", "image", "side", "picture", "half", "region", "section", "photo"])
+def test_a_null_word_heading_another_phrase_cancels_the_relation_not_the_direction(null):
+    words = _tree(("the", "DET", 1, "det"), ("cup", "NOUN", 1, "root"), ("on", "ADP", 5, "case"),
+                  ("the", "DET", 5, "det"), ("left", "ADJ", 5, "amod"), (null, "NOUN", 1, "nmod"))
+    parse = analyze(words, "test")
+    assert (parse.noun_phrase, parse.other_nouns) == ("the cup", (f"the left {null}",))
+    assert (parse.relation, parse.direction) == ("none", "left")
+
+
+def test_no_noun_phrase_targets_the_whole_expression():
+    words = _tree(("on", "ADP", 2, "case"), ("the", "DET", 2, "det"), ("left", "NOUN", 2, "root"))
+    parse = analyze(words, "test")
+    assert (parse.sentence, parse.noun_phrase, parse.other_nouns) == ("on the left", "on the left", ())
+    assert (parse.relation, parse.direction) == ("left", "left")
+
+
+def test_one_mask_is_its_own_candidate_and_partner(tiny_clip_pair):
+    """N = 1: k1 = k2 = 1, I = J = [0]; a strict relation with itself fails (R = 0, P = 1), within holds
+    fully (R = p * q = 1); F = (1 - alpha) * 1 + alpha * G_0."""
+    image, masks = _small_case()
+    model = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu")
+    view = model.prepare(image, proposals=masks[:1])
+    for relation, R in (("left", 0.0), ("within", 1.0), ("none", 1.0)):
+        seg = model.segment(view, parse=ParsedExpression("the cup by the plate", "the cup", ("the plate",),
+                                                         relation, "none"))
+        e = seg.explain
+        assert seg.index == 0 and list(e["topk_I"]) == [0] and list(e["J_used"]) == [0]
+        np.testing.assert_allclose(e["R"], [R], atol=1e-9)
+        np.testing.assert_allclose(e["P"], [1.0])
+        np.testing.assert_allclose(e["F"], [0.4 + 0.6 * e["G"][0]], atol=1e-6)
