@@ -148,7 +148,8 @@ class HybridGLConfig:
 
     def _check_types(self) -> None:
         """Each scalar key holds its annotated type: a switch a bool (the string "False" is truthy), a
-        count an integer, a weight a number. numpy numbers become Python ones (the fingerprint is JSON)."""
+        count an integer, a weight a number. numpy numbers become Python ones, a weight a float (the
+        fingerprint is JSON: 1 and 1.0 would differ)."""
         for f in dataclasses.fields(self):
             kind = str(f.type).replace(" | None", "")
             if kind not in ("bool", "int", "float", "str"):
@@ -169,7 +170,7 @@ class HybridGLConfig:
                 raise ValueError(f"{f.name} must be a {kind}, got {value!r}")
             if kind == "int" and type(value) is not int:
                 object.__setattr__(self, f.name, int(value))
-            elif kind == "float" and type(value) not in (int, float):
+            elif kind == "float" and type(value) is not float:  # alpha=1 is alpha=1.0, one fingerprint
                 object.__setattr__(self, f.name, float(value))
 
     def replace(self, **changes: Any) -> "HybridGLConfig":

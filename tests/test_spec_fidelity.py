@@ -315,3 +315,10 @@ def test_one_mask_is_its_own_candidate_and_partner(tiny_clip_pair):
         np.testing.assert_allclose(e["R"], [R], atol=1e-9)
         np.testing.assert_allclose(e["P"], [1.0])
         np.testing.assert_allclose(e["F"], [0.4 + 0.6 * e["G"][0]], atol=1e-6)
+
+
+def test_a_weight_given_as_an_integer_is_the_same_config():
+    """alpha=1 (what `--set alpha=1` parses to) and alpha=1.0 are one configuration: one fingerprint,
+    so one model version and one proposal cache key."""
+    assert HybridGLConfig(alpha=1).fingerprint() == HybridGLConfig(alpha=1.0).fingerprint()
+    assert type(HybridGLConfig(alpha=1).alpha) is float
