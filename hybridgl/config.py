@@ -167,7 +167,8 @@ class HybridGLConfig:
                 ok = not isinstance(value, bool) and isinstance(
                     value, numbers.Integral if kind == "int" else numbers.Real)
             if not ok:
-                raise ValueError(f"{f.name} must be a {kind}, got {value!r}")
+                what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
+                raise ValueError(f"{f.name} must be {what}, got {value!r}")
             if kind == "int" and type(value) is not int:
                 object.__setattr__(self, f.name, int(value))
             elif kind == "float" and type(value) is not float:  # alpha=1 is alpha=1.0, one fingerprint

@@ -322,3 +322,10 @@ def test_a_weight_given_as_an_integer_is_the_same_config():
     so one model version and one proposal cache key."""
     assert HybridGLConfig(alpha=1).fingerprint() == HybridGLConfig(alpha=1.0).fingerprint()
     assert type(HybridGLConfig(alpha=1).alpha) is float
+
+
+def test_the_type_error_says_what_to_write():
+    with pytest.raises(ValueError, match=r"use_relation must be true or false, got 'False'"):
+        HybridGLConfig(use_relation="False")
+    with pytest.raises(ValueError, match=r"k1 must be an integer, got 2.5"):
+        HybridGLConfig(k1=2.5)
