@@ -430,7 +430,7 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     except LabelStudioGone as exc:
         summary.gone = str(exc)
         summary.not_reached += len(todo) - processed + len(pending_rows)
-    except RayUnavailable as exc:  # --ray: a round's model actors did not start (RayStartTimeout)
+    except RayUnavailable as exc:  # --ray: the model actors did not start (RayStartTimeout) or got stuck (RayStalled)
         summary.stopped = str(exc)
         try:
             flush()  # the predictions that came back are posted: the rerun does only the rest

@@ -44,6 +44,10 @@ class RayStartTimeout(RayUnavailable):
     """The model actors did not start (placed on the cluster, model built) within the start timeout."""
 
 
+class RayStalled(RayUnavailable):
+    """Nothing moved in the run (no item finished or passed a stage) for Ray Data's no-progress timeout."""
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """Where to run and how many model actors.
@@ -215,6 +219,18 @@ def _start_timeout(ray, what: str, noun: str, actors: int, gpus: float, cpus: fl
         f"longer (--ray-start-timeout)")
 
 
+def _stalled(timeout: float, done: int, items: int) -> RayStalled:
+    """The error for a run in which nothing moved for Ray Data's no-progress timeout. Ray Data ends the
+    run gracefully: an actor stuck on an item keeps its resources until the item ends or the driver
+    process exits (the commands exit on this error)."""
+    return RayStalled(
+        f"the Ray run made no progress for {timeout:g} s: no item finished or moved on ({done} of {items} "
+        f"items done, their results kept). A model actor may be stuck (a hung device, an item far slower "
+        f"than the others) or the cluster's CPUs held by other work. Rerun to do the rest; for items that "
+        f"legitimately take longer, set RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S=<seconds> (-1: no limit) "
+        f"where the command runs")
+
+
 def _not_start_timeout(record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while Ray Data handles it
     return not (type(exc).__name__ == "GetTimeoutError" and "starting actors" in str(exc))
@@ -321,12 +337,16 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
         log.warning("the Ray cluster has room for %g of the %d model actors asked for (%g GPU, %g CPU each) now; "
                     "the run waits up to %g s for all of them to start (--ray-start-timeout), then stops",
                     fits, actors, gpus, cpus, options.start_timeout)
+    from ray.data.exceptions import ExecutionTimeoutError
+
     rows = iter(ds.iter_rows())
     try:
         with _quiet_start_timeout():  # the first row starts the execution, the actor pool's start among it
             head = list(itertools.islice(rows, 1))
     except ray.exceptions.GetTimeoutError:
         head = None
+    except ExecutionTimeoutError:  # Ray Data's no-progress timeout: nothing moved, not even a first row
+        raise _stalled(ctx.execution_no_progress_timeout_s, 0, len(items)) from None
     if head is None:
         # Ray Data leaves that pool in a reference cycle: collected now, its actors end (and free their
         # resources) and the requests for those that never started are dropped, not at some later collection
@@ -334,12 +354,15 @@ def run_grouped(items: Sequence[Any], load: Callable[[Any], Any], factory: Calla
         gc.collect()
         raise _start_timeout(ray, "the model actors", "actor", actors, gpus, cpus, options.start_timeout)
     seen: set[int] = set()
-    for row in itertools.chain(head, rows):
-        index = int(row["index"])
-        if index in seen:  # a retried item whose first result already arrived
-            continue
-        seen.add(index)
-        yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
+    try:
+        for row in itertools.chain(head, rows):
+            index = int(row["index"])
+            if index in seen:  # a retried item whose first result already arrived
+                continue
+            seen.add(index)
+            yield Result(index, pickle.loads(row["value"]), row["error"] or None, int(row["worker"]))
+    except ExecutionTimeoutError:  # its message advises `ds.context` settings the user cannot reach
+        raise _stalled(ctx.execution_no_progress_timeout_s, len(seen), len(items)) from None
     for index in range(len(items)):
         if index not in seen:
             yield Result(index, error=f"lost: no result after {RETRIES + 1} attempts (the actor kept dying)")

@@ -231,6 +231,34 @@ def test_an_item_that_keeps_killing_its_actor_is_reported_and_the_rest_done(ray_
     assert {i: r.value for i, r in by_index.items() if i != 3} == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
 
 
+def _slow_last(model, item: int, loaded: int) -> int:
+    if item == 3:
+        time.sleep(12)  # longer than the no-progress timeout below (its actor is freed once it ends)
+    return loaded * 10
+
+
+def test_a_run_that_makes_no_progress_stops_with_a_clear_error_after_the_results_that_came(ray_address,
+                                                                                          monkeypatch):
+    """Ray Data ends a run in which nothing moves for its no-progress timeout (30 min by default: an
+    actor stuck on an item, CPUs held elsewhere) with its internal ExecutionTimeoutError, which the
+    commands did not expect (a traceback advising `ds.context` settings a user cannot reach). It is
+    now RayStalled, a RayUnavailable (the commands post or write what came back and stop with a
+    message), after every result that did come back."""
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 5.0)
+    options = distributed.RayOptions(actors=1, cpus_per_actor=0.5)
+    got = []
+    with pytest.raises(distributed.RayStalled) as stalled:
+        for result in distributed.run_grouped(list(range(4)), _identity, lambda: None, _slow_last, options):
+            got.append((result.index, result.value))
+    # the items the actor took before the slow one came back (one queued behind it may not have)
+    assert got and set(got) <= {(0, 0), (1, 10), (2, 20)}
+    message = str(stalled.value)
+    assert "no progress for 5 s" in message and f"{len(got)} of 4 items done" in message
+    assert "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" in message and "\n" not in message
+
+
 def test_a_run_leaves_the_callers_data_context_as_it_was(ray_address):
     """run_grouped set its Ray Data settings (no progress bars, errored blocks allowed) on the
     process's current DataContext and never put them back: every later dataset of the caller's had
