@@ -419,21 +419,27 @@ def test_cli_download_and_check(env, server):
     assert usage.returncode == 2 and "unknown SAM type" in usage.stderr
 
 
-def test_concurrent_downloads_fetch_once(env, server):
-    """Two loaders sharing MODEL_DIR (the backend and a batch job): one download, both get the file."""
+def _load_at_once(loaders: int) -> tuple[list, list]:
+    """(paths, errors) of `loaders` threads resolving the SAM checkpoint at the same time."""
     results, errors = [], []
 
     def load():
         try:
             results.append(weights.resolve_sam_checkpoint(TYPE, progress=False))
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
+    threads = [threading.Thread(target=load) for _ in range(loaders)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    return results, errors
+
+
+def test_concurrent_downloads_fetch_once(env, server):
+    """Two loaders sharing MODEL_DIR (the backend and a batch job): one download, both get the file."""
+    results, errors = _load_at_once(3)
     assert not errors and results == [sam_path(env)] * 3
     assert sam_path(env).read_bytes() == PAYLOAD and len(server.requests) == 1
 
@@ -459,19 +465,7 @@ def test_downloads_into_a_model_dir_on_nfs(env, server, nfs_flock):
     """docs/ray.md puts MODEL_DIR on NFS for the Ray workers, where flock on the directory is refused:
     the download raised OSError (ENOLCK) before fetching a byte. A POSIX lock on a lock file (which NFS
     carries to the server) now excludes the other loaders, threads of one process included."""
-    results, errors = [], []
-
-    def load():
-        try:
-            results.append(weights.resolve_sam_checkpoint(TYPE, progress=False))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = _load_at_once(3)
     assert not errors and results == [sam_path(env)] * 3, errors
     assert sam_path(env).read_bytes() == PAYLOAD and len(server.requests) == 1
 
