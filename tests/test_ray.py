@@ -461,3 +461,16 @@ def test_evaluate_refuses_a_bad_ray_option_before_reading_the_dataset(tmp_path, 
     assert status == 2 and "--ray-cpus-per-actor must be a finite number" in err, err
     assert "absent" not in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("scoring", [["--predictions", "run/predictions.jsonl"], ["--label-studio-export", "x.json"]])
+def test_evaluate_refuses_ray_where_no_model_runs(scoring, tmp_path, capsys, monkeypatch):
+    """Scoring existing predictions (--predictions, --label-studio-export) runs no model, so --ray was
+    ignored without a word: a user asking for a cluster run got a local rescoring."""
+    from hybridgl import cli
+
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(["evaluate", *scoring, "--out", str(tmp_path / "scored"), "--ray"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--ray has no effect with {scoring[0]}" in err, err
+    assert not (tmp_path / "scored").exists()

@@ -145,6 +145,9 @@ def main(args: argparse.Namespace) -> int:
     plots = not args.no_plots
     if args.predictions and args.label_studio_export:
         raise _usage_error("--predictions and --label-studio-export exclude each other")
+    if ray_options is not None and (args.predictions or args.label_studio_export):
+        given = "--predictions" if args.predictions else "--label-studio-export"
+        raise _usage_error(f"--ray has no effect with {given}: scoring predictions runs no model")
 
     if args.predictions:
         dataset = _load_dataset(args) if (args.dataset or args.data_root) else None
