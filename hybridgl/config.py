@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,16 @@ class HybridGLConfig:
             raise ValueError("alpha must lie in [0, 1]")
         for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std", "calibration_coef"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for f in dataclasses.fields(self):  # NaN passes every comparison above (`nan <= 0` is False)
+            value = getattr(self, f.name)
+            numbers_ = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers_):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        if self.gem_temperature is not None and self.gem_temperature <= 0:
+            raise ValueError("gem_temperature must be positive (or None: adaptive)")
+        for name in ("image_std", "clip_std"):
+            if min(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
         object.__setattr__(self, "calibration_features", tuple(str(v) for v in self.calibration_features))
         if self.calibration_features or self.calibration_coef:
             from .calibration import check_calibration  # noqa: PLC0415 - the feature names live there

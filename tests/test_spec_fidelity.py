@@ -329,3 +329,17 @@ def test_the_type_error_says_what_to_write():
         HybridGLConfig(use_relation="False")
     with pytest.raises(ValueError, match=r"k1 must be an integer, got 2.5"):
         HybridGLConfig(k1=2.5)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("score_temperature", float("nan")), ("beta", float("inf")), ("sentence_weight", float("nan")),
+    ("fast_safety", float("nan")), ("pred_iou_thresh", float("nan")), ("fusion_weight", float("-inf")),
+    ("gem_temperature", float("nan")), ("gem_temperature", 0.0), ("gem_temperature", -1.0),
+    ("image_std", (0.229, 0.0, 0.225)), ("clip_mean", (0.5, float("nan"), 0.5)), ("clip_std", (1.0, 1.0, -1.0)),
+])
+def test_non_finite_numbers_and_non_positive_scales_are_refused(key, value):
+    """NaN passed every range check written as a comparison (`nan <= 0` is False): a score_temperature
+    of NaN (HYBRIDGL_CONFIG is JSON, which Python reads NaN from) made every confidence NaN, a NaN
+    pred_iou_thresh dropped every proposal. A std of 0 or a temperature <= 0 divides by nothing."""
+    with pytest.raises(ValueError, match=key):
+        HybridGLConfig(**{key: value})
