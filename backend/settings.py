@@ -123,6 +123,15 @@ class Settings:
                 parse_target(self.label_studio_url)
             except ForbiddenTarget as exc:
                 raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
+        if self.config is not None:  # now, not once the weights are found (or downloaded) and loaded
+            from hybridgl.config import HybridGLConfig
+
+            try:
+                HybridGLConfig.load(self.hybridgl_config())
+            except SettingsError:
+                raise
+            except (ValueError, TypeError, OSError) as exc:
+                raise SettingsError(f"HYBRIDGL_CONFIG: {exc}") from None
 
     def replace(self, **changes: Any) -> "Settings":
         return replace(self, **changes)

@@ -598,3 +598,23 @@ def test_ray_serve_replicas_own_log_is_filtered_too(monkeypatch):
             if h is not None:
                 h.removeFilter(redactor)
     assert stream.getvalue() == "replica call failed: task 7\\nERROR forged, token [redacted]\n"
+
+
+def test_a_bad_hybridgl_config_is_refused_before_any_model_loads(tmp_path):
+    """HYBRIDGL_CONFIG's values were checked only when the model was built, after the weights were
+    found (or downloaded: gigabytes) and loaded: without them, the weights were the error reported, and
+    with them a wrong value surfaced minutes later. The settings now check it first, in one line."""
+    with pytest.raises(SettingsError, match=r"HYBRIDGL_CONFIG: use_relation must be true or false"):
+        Settings(config='{"use_relation": "false"}')
+    with pytest.raises(SettingsError, match=r"HYBRIDGL_CONFIG: score_temperature must be finite"):
+        Settings(config='{"score_temperature": NaN}')
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[hybridgl]\nk1 = 0\n")
+    with pytest.raises(SettingsError, match=r"HYBRIDGL_CONFIG: k1 and k2 must be at least 1"):
+        Settings(config=str(toml))
+    out = _run_server([sys.executable, "-m", "backend", "--port", "0"],
+                      {"MODEL_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                       "HYBRIDGL_PARSER": "rules", "HYBRIDGL_CONFIG": '{"alpha": 2}'})
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "error: HYBRIDGL_CONFIG: alpha must lie in [0, 1]" in text, text[-3000:]
+    assert "loading models" not in text and "Traceback" not in text
