@@ -127,3 +127,20 @@ def test_overlay_works_with_pillow_10_0_whose_default_font_takes_no_size(monkeyp
     mask[5:20, 5:30] = True
     picture = visualize.overlay(image, mask, "the cup", 0.8, [~mask])
     assert picture.size == (60, 40) and not np.array_equal(np.asarray(picture), image)
+
+
+def test_evaluate_refuses_a_bad_config_value_before_reading_the_dataset(tmp_path, capsys, monkeypatch):
+    """`hybridgl evaluate --set k1=0` read the dataset (minutes for a large split) before the config
+    was built with the model; a missing dataset was the error reported instead of the bad value."""
+    from hybridgl import cli
+    from hybridgl.evaluation import datasets
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the dataset was read before the config was checked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_reading)
+    status = cli.main(["evaluate", "--dataset", "refcoco", "--split", "val", "--data-root", str(tmp_path / "absent"),
+                       "--out", str(tmp_path / "run"), "--set", "k1=0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "k1 and k2 must be at least 1" in err, err
+    assert "absent" not in err and "Traceback" not in err

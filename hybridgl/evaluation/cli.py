@@ -175,9 +175,12 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise _usage_error("--out RUN_DIR required")
-    dataset = _load_dataset(args)  # fail on a bad layout before loading any model
     if args.ablation:
         args.set = [f"{k}={json.dumps(v)}" for k, v in ABLATIONS[args.ablation].items()] + list(args.set or [])
+    from hybridgl.cli import build_config
+
+    build_config(args)  # a bad --config/--set value: said now, not after reading the dataset (or on the workers)
+    dataset = _load_dataset(args)  # fail on a bad layout before loading any model
     out_dir = Path(args.out)
     run_options = dict(progress=not args.no_progress, overwrite=args.overwrite, good_iou=args.good_iou,
                        targets=targets, plots=plots)
