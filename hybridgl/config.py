@@ -140,12 +140,10 @@ class HybridGLConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must lie in [0, 1]")
         for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std", "calibration_coef"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        for f in dataclasses.fields(self):  # NaN passes every comparison above (`nan <= 0` is False)
-            value = getattr(self, f.name)
-            numbers_ = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers_):
-                raise ValueError(f"{f.name} must be finite, got {value!r}")
+            values = tuple(float(v) for v in getattr(self, name))
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite, got {values!r}")
+            object.__setattr__(self, name, values)
         if self.gem_temperature is not None and self.gem_temperature <= 0:
             raise ValueError("gem_temperature must be positive (or None: adaptive)")
         for name in ("image_std", "clip_std"):
@@ -180,6 +178,8 @@ class HybridGLConfig:
             if not ok:
                 what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
                 raise ValueError(f"{f.name} must be {what}, got {value!r}")
+            if kind == "float" and not math.isfinite(value):  # NaN passes every range check (`nan <= 0` is False)
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
             if kind == "int" and type(value) is not int:
                 object.__setattr__(self, f.name, int(value))
             elif kind == "float" and type(value) is not float:  # alpha=1 is alpha=1.0, one fingerprint
