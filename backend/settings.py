@@ -126,10 +126,9 @@ class Settings:
         if self.config is not None:  # now, not once the weights are found (or downloaded) and loaded
             from hybridgl.config import HybridGLConfig
 
+            values = self.hybridgl_config()  # SettingsError for bad JSON or a missing file
             try:
-                HybridGLConfig.load(self.hybridgl_config())
-            except SettingsError:
-                raise
+                HybridGLConfig.load(values)
             except (ValueError, TypeError, OSError) as exc:
                 raise SettingsError(f"HYBRIDGL_CONFIG: {exc}") from None
 

@@ -150,12 +150,10 @@ def _dir_lock(directory: Path) -> Iterator[None]:
     try:
         try:
             _wait_for(fcntl.flock, fd, directory)
-            flocked = True
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            flocked = False
-        if flocked:
+        else:  # (outside the handler: the download's own errors are not caught there)
             yield
             return
         with _IN_PROCESS:
