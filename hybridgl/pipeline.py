@@ -167,6 +167,11 @@ class PreparedView:
             low = self.low_precision.subset(idx, self.masks) if self.low_precision is not None else None
         return PreparedView(self.image, props, features, self.tokens, self.original_size, low)
 
+    def coherence_tokens(self, clip: nn.Module, config: HybridGLConfig,
+                         device: torch.device | str) -> torch.Tensor:
+        """GEM token features [g,g,D]: the view's own, else computed now (prepared with coherence off)."""
+        return self.tokens if self.tokens is not None else gem_tokens(clip, self.image, config, device)
+
     def device_masks(self, device: torch.device) -> torch.Tensor:
         if self._device_masks is None:
             self._device_masks = torch.from_numpy(self.proposals.masks).to(device)
@@ -433,9 +438,8 @@ class HybridGL:
         # Coherence map, position prior and the guidance score of every mask.
         size = view.size
         if cfg.use_coherence:  # this model's switch, whichever model prepared the view
-            tokens = view.tokens if view.tokens is not None else gem_tokens(self.clip, view.image, cfg, dev)
             gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev)
-            A = coherence_map(tokens, gem_text, size, cfg)
+            A = coherence_map(view.coherence_tokens(self.clip, cfg, dev), gem_text, size, cfg)
         else:
             A = torch.ones(size, device=dev)
         direction = parse.direction if cfg.use_position_prior else "none"

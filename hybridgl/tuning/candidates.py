@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import guidance
-from ..coherence import coherence_map, gem_tokens
+from ..coherence import coherence_map
 from ..config import HybridGLConfig
 from ..parsing import ParsedExpression
 from ..pipeline import PreparedView, to_rgb_array, weights_fingerprint
@@ -149,9 +149,7 @@ class CandidateCache:
             raise ValueError(f"image {image_key}: the model has no SAM to propose masks")
         with torch.no_grad():
             view = model.prepare(rgb)  # the pipeline's own image pass (downscaling included)
-            tokens = view.tokens if view.tokens is not None else gem_tokens(model.clip, view.image, self.config,
-                                                                             model.device)
-            tokens = tokens.cpu()
+            tokens = view.coherence_tokens(model.clip, self.config, model.device).cpu()
         props = view.proposals
         cand = ImageCandidates(props.masks, props.boxes_xywh.astype(np.int64), props.quality.astype(np.float32),
                                props.masks.mean(axis=(1, 2)) if len(props) else np.zeros(0),
