@@ -113,6 +113,15 @@ def same_choices(a, b) -> tuple[bool, bool, bool]:
             set(a.explain["topk_I"].tolist()) == set(b.explain["topk_I"].tolist()))
 
 
+def tally(a, b, agreed: bool, where: str, score_diff: float) -> float:
+    """The largest score difference so far where the choices agree; a disagreement is printed."""
+    if agreed:
+        return max(score_diff, abs(a.score - b.score))
+    print(f"  DIFFERENT: {where}: exact {a.index} (semantic {a.hybrid_index}), fast {b.index} "
+          f"(semantic {b.hybrid_index})", flush=True)
+    return score_diff
+
+
 def probe_check(model: HybridGL, view: PreparedView, expressions: list[str]) -> dict[str, float]:
     """The error on every mask against the probes' estimate (as `fast_features` measures it)."""
     cfg, dev = model.config, model.device
@@ -161,11 +170,7 @@ def sweep(exact: HybridGL, fast: HybridGL, images: list[np.ndarray], args) -> No
             counts["semantic"] += semantic
             counts["candidates"] += candidates
             counts["low_left"] += view.low_precision is not None
-            if final:
-                score_diff = max(score_diff, abs(a.score - b.score))
-            else:
-                print(f"  DIFFERENT: view {v} ({style}, N={len(masks)}) {e!r}: exact {a.index} "
-                      f"(semantic {a.hybrid_index}), fast {b.index} (semantic {b.hybrid_index})", flush=True)
+            score_diff = tally(a, b, final, f"view {v} ({style}, N={len(masks)}) {e!r}", score_diff)
     print(f"sweep (seed {args.seed}): {counts['views']} views, {counts['answers']} answers in "
           f"{time.perf_counter() - t0:.0f} s; {counts['views_low']} views prepared in low precision")
     print(f"  same final choice {counts['final']}/{counts['answers']}, same semantic choice "
@@ -226,11 +231,7 @@ def propagation(exact: HybridGL, fast: HybridGL, images: list[np.ndarray], args)
                 ok = all(same_choices(a, b))
                 same += ok
                 low_left += view.low_precision is not None
-                if ok:
-                    score_diff = max(score_diff, abs(a.score - b.score))
-                else:
-                    print(f"  DIFFERENT: view {v} ({style}, N={n}) {e!r} eps {eps:.2e}: exact {a.index} "
-                          f"(semantic {a.hybrid_index}), fast {b.index} (semantic {b.hybrid_index})", flush=True)
+                score_diff = tally(a, b, ok, f"view {v} ({style}, N={n}) {e!r} eps {eps:.2e}", score_diff)
     print(f"propagation at the bound: {total} answers in {time.perf_counter() - t0:.0f} s, all choices the same in "
           f"{same}; answered with low-precision rows left: {low_left}; largest score difference where the "
           f"choices agreed {score_diff:.2e}")
