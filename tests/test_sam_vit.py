@@ -57,9 +57,13 @@ def test_decode_masks_equals_segment_anything_then_the_filter(sam, per_pass, rul
     embedding = torch.randn(1, 32, 10, 10)
     coords = torch.rand(10, 2) * 160
     masks, iou = _reference(sam, embedding, coords)
+    # half way between the two middle values: the median itself is one of them, and the decoder's
+    # own predicted IoU may differ from the reference's in its last bits (this machine: one did)
+    middle = iou.sort().values[len(iou) // 2 - 1:len(iou) // 2 + 1]
+    assert middle[1] - middle[0] > 1e-4
     keep = {"all": lambda v: torch.ones_like(v, dtype=torch.bool),
             "none": lambda v: torch.zeros_like(v, dtype=torch.bool),
-            "median": lambda v: v > iou.median(),
+            "median": lambda v: v > middle.mean(),
             "first of each": lambda v: torch.arange(len(v)) % 3 == 0}[rule]
     got_masks, got_iou = sam_vit.decode_masks(sam, embedding, coords, keep, prompts_per_pass=per_pass)
     expected = keep(iou)
