@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from hybridgl import HybridGL, HybridGLConfig  # noqa: E402
-from hybridgl.fast import LowPrecision, feature_error, low_precision, probe_indices  # noqa: E402
+from hybridgl.fast import LowPrecision, feature_error, probe_indices  # noqa: E402
 from hybridgl.hybrid_features import hybrid_features  # noqa: E402
 from hybridgl.pipeline import PreparedView, load_image  # noqa: E402
 from hybridgl.proposals import Proposals  # noqa: E402
@@ -122,15 +122,15 @@ def tally(a, b, agreed: bool, where: str, score_diff: float) -> float:
     return score_diff
 
 
-def probe_check(model: HybridGL, view: PreparedView, expressions: list[str]) -> dict[str, float]:
-    """The error on every mask against the probes' estimate (as `fast_features` measures it)."""
+def probe_check(model: HybridGL, view: PreparedView, expressions: list[str], dtype: str) -> dict[str, float]:
+    """The error on every mask against the probes' estimate (as `fast_features` measures it in `dtype`)."""
     cfg, dev = model.config, model.device
     masks, image = view.masks, view.image
-    low = hybrid_features(model.clip, image, masks, cfg.replace(dtype=low_precision(dev)), dev)
+    low = hybrid_features(model.clip, image, masks, cfg.replace(dtype=dtype), dev)
     delta = F.normalize(low, dim=-1) - F.normalize(view.features, dim=-1)
     probes = probe_indices(masks, cfg.fast_probes)
     p_exact = hybrid_features(model.clip, image, masks[probes], cfg, dev)
-    p_low = hybrid_features(model.clip, image, masks[probes], cfg.replace(dtype=low_precision(dev)), dev)
+    p_low = hybrid_features(model.clip, image, masks[probes], cfg.replace(dtype=dtype), dev)
     p_delta = F.normalize(p_low, dim=-1) - F.normalize(p_exact, dim=-1)
     spread, size = feature_error(p_delta), p_delta.norm(dim=-1).max().item()
     out = {"spread": feature_error(delta) / max(spread, 1e-30), "size": delta.norm(dim=-1).max().item() / max(size, 1e-30)}
@@ -160,7 +160,7 @@ def sweep(exact: HybridGL, fast: HybridGL, images: list[np.ndarray], args) -> No
         counts["views"] += 1
         counts["views_low"] += view.low_precision is not None
         if len(masks) > exact.config.fast_probes and v < args.probe_views:
-            for key, value in probe_check(exact, exact_view, expressions).items():
+            for key, value in probe_check(exact, exact_view, expressions, fast.config.dtype).items():
                 ratios[key].append(value)
         for e in expressions:
             a, b = exact.segment(exact_view, e), fast.segment(view, e)
@@ -254,9 +254,11 @@ def main() -> None:
     clip, tokenizer = tiny_clip()
     config = HybridGLConfig() if args.safety is None else HybridGLConfig(fast_safety=args.safety)
     exact = HybridGL(clip, tokenizer, sam=None, parser="rules", device=args.device, config=config)
-    # fast_patience 0: every view takes the low-precision path (random weights would make it skip it)
+    # fast_patience 0: every view takes the low-precision path (random weights would make it skip it);
+    # its dtype named, as a CPU without native bfloat16 would make the fast mode compute float32 only
+    dtype = "float16" if args.device.startswith("cuda") else "bfloat16"
     fast = HybridGL(clip, tokenizer, sam=None, parser="rules", device=args.device,
-                    config=config.replace(fast=True, fast_patience=0))
+                    config=config.replace(fast=True, fast_patience=0, dtype=dtype))
     images = [load_image(p) for p in sorted(GOLDEN_DIR.glob("*/image.png"))]
     print(f"tiny CLIP on {exact.device}, torch threads {torch.get_num_threads()}")
     sweep(exact, fast, images, args)

@@ -146,8 +146,13 @@ def worker(args) -> dict:
                        "proposal_bits": [packed(m) for m in props.masks], "shape": list(image.shape[:2]),
                        "low_rows": int(low.low.sum()) if low is not None else 0, "expressions": exprs})
     batch = batch_share(model, args, sync) if args.batch else None
-    return {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "device": str(model.device), "threads": torch.get_num_threads()}
+    out = {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+           "device": str(model.device), "threads": torch.get_num_threads()}
+    if args.fast:  # this tree only: which low precision the fast mode took on this machine
+        from hybridgl.fast import low_precision
+
+        out["low_precision"] = low_precision(model.config, model.device)
+    return out
 
 
 def batch_share(model, args, sync) -> dict:
@@ -304,6 +309,9 @@ def report(results: dict[str, dict]) -> None:
               f"{(e['prepare'] + e['segment']) / (f['prepare'] + f['segment']):.2f}x faster; same proposals "
               f"{props}, same chosen mask as exact {same}/{n}")
         if "fast" in k.split("+"):
+            dtype = results[k].get("low_precision")
+            print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (this CPU emulates "
+                  "bfloat16, slower than float32): the fast mode computed float32, the exact mode's work")
             low = [im["low_rows"] for im in results[k]["images"]]
             print(f"  {k}: masks whose features stayed low precision after all expressions, per image: {low} "
                   f"of {f['masks']} (the others were made float32: probes' error too large, or near ties)")

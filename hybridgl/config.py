@@ -45,7 +45,9 @@ class HybridGLConfig:
     fill_value: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, as the reference code
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    dtype: str = "float32"  # CLIP compute dtype: float32 (default, golden-exact), float16, bfloat16
+    # CLIP compute dtype: float32 (default, golden-exact), float16, bfloat16; in the fast mode the low
+    # precision of its hybrid-feature pass (float32: its own choice, see hybridgl/fast.low_precision)
+    dtype: str = "float32"
     # masks per CLIP forward pass (speed and memory; features change in their last bits only,
     # and the fast mode's float32 rows use the same passes); None: 4 on CPU, where cache-sized
     # tensors run fastest, 32 on a GPU
@@ -82,10 +84,10 @@ class HybridGLConfig:
     # 10. Final fusion.
     alpha: float = 0.6
 
-    # Speed, not the method: the fast mode computes hybrid features in low precision (bfloat16 on
-    # CPU, float16 on GPU, where SAM's encoder also runs under autocast: see sam_dtype) and makes
-    # float32 the features of any decision within that precision's measured error of a tie
-    # (hybridgl/fast.py).
+    # Speed, not the method: the fast mode computes hybrid features in low precision (float16 on a
+    # GPU, where SAM's encoder also runs under autocast: see sam_dtype; bfloat16 on a CPU with
+    # AVX512-BF16 or AMX; none on a CPU that emulates bfloat16; or `dtype`) and makes float32 the
+    # features of any decision within that precision's measured error of a tie (hybridgl/fast.py).
     fast: bool = False
     fast_probes: int = 2  # masks per image computed in both precisions to measure the error
     fast_safety: float = 3.0  # the measured error is multiplied by this

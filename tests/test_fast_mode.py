@@ -6,6 +6,7 @@ masks of any decision that lies within the measured error of a tie.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -25,9 +26,11 @@ from test_golden import CASES, EXACT, load_case
 @pytest.fixture(scope="module")
 def fast_model(tiny_clip_pair):
     # fast_patience=0: every image takes the low-precision path (the tiny CLIP's goldens all end in
-    # float32, which would otherwise make the model skip it after two of them)
+    # float32, which would otherwise make the model skip it after two of them); dtype: bfloat16 on
+    # any CPU (the fast mode picks it itself only where the CPU computes it natively), while the
+    # features that decide stay float32
     return HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
-                    config=HybridGLConfig(fast=True, fast_patience=0))
+                    config=HybridGLConfig(fast=True, fast_patience=0, dtype="bfloat16"))
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,9 @@ def fast_results(fast_model):
 def test_fast_mode_makes_the_golden_choices(fast_results, name):
     data, view, seg, low_precision = fast_results[name]
     assert low_precision  # prepare really ran in low precision (each case has more masks than probes)
+    # and measured an error: float32 against bfloat16, not bfloat16 against itself (the fast mode's
+    # float32 passes once took the config's dtype, which names its low precision: every near tie sure)
+    assert view.low_precision is None or view.low_precision.spread > 0
     for key in EXACT:
         np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=f"{name}: {key}")
     np.testing.assert_array_equal(seg.mask, data["masks"][int(data["pred_final"])])
@@ -109,7 +115,7 @@ def test_fast_mode_breaks_ties_as_the_exact_mode(fast_model, kind):
     rows now come from the exact mode's passes: the same bits, the same choices."""
     image, masks, expression = _tie_case(kind)
     exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
-                           config=fast_model.config.replace(fast=False))
+                           config=fast_model.config.replace(fast=False, dtype="float32"))
     exact_view = exact_model.prepare(image, proposals=masks)
     expected = exact_model.segment(exact_view, expression)
     view = fast_model.prepare(image, proposals=masks)
@@ -128,7 +134,7 @@ def test_a_subset_of_a_fast_view_has_its_parents_exact_rows(fast_model):
     of the twin case the other way)."""
     image, masks, expression = _tie_case("twin")
     exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
-                           config=fast_model.config.replace(fast=False))
+                           config=fast_model.config.replace(fast=False, dtype="float32"))
     exact_view = exact_model.prepare(image, proposals=masks)
     view = fast_model.prepare(image, proposals=masks)
     for allowed in ([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 7, 8]):
@@ -285,7 +291,7 @@ def test_refinement_makes_only_the_disputed_masks_exact(fast_model, per_pass):
     config = fast_model.config.replace(feature_batch_size=per_pass)
     model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules", config=config)
     exact_model = HybridGL(fast_model.clip, fast_model.tokenizer, sam=None, parser="rules",
-                           config=config.replace(fast=False))
+                           config=config.replace(fast=False, dtype="float32"))
     exact_view = exact_model.prepare(image, proposals=masks)
     expected = exact_model.segment(exact_view, parse=parse)
     exact = exact_view.features
@@ -334,7 +340,7 @@ def test_fast_mode_goes_float32_at_once_where_low_precision_tells_no_mask_apart(
         masks[i, ys[i], xs[i]] = False
     view = fast_model.prepare(image, proposals=masks)
     assert view.low_precision is None
-    exact = hybrid_features(fast_model.clip, view.image, masks, fast_model.config.replace(fast=False))
+    exact = hybrid_features(fast_model.clip, view.image, masks, fast_model.config.replace(fast=False, dtype="float32"))
     np.testing.assert_allclose(view.features.numpy(), exact.numpy(), rtol=0, atol=1e-5)
 
 
@@ -398,7 +404,7 @@ def test_a_fast_model_stops_paying_for_low_precision_that_never_decides(tiny_cli
     """With the tiny CLIP every golden decision is a near tie at bfloat16's error: after two such
     images the model computes float32 at once (the exact mode's cost, the same answers)."""
     model = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
-                     config=HybridGLConfig(fast=True, fast_patience=2))
+                     config=HybridGLConfig(fast=True, fast_patience=2, dtype="bfloat16"))
     low = []
     for name in CASES[:4]:
         data, image, parse = load_case(name)
@@ -415,7 +421,7 @@ def test_a_segmentation_keeps_the_features_it_was_computed_from(fast_model):
     makes exact (in place, under `refining`) must not change an answer already given."""
     data, image, parse = load_case(CASES[2])
     masks, image = data["masks"], np.asarray(image.convert("RGB"))
-    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False))
+    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False, dtype="float32"))
     low = exact + 1e-3 * exact.norm(dim=-1, keepdim=True)  # low-precision stand-in; no decision disputed
     view = PreparedView(image, Proposals.from_masks(masks, *masks.shape[1:]), low.clone(), None,
                         low_precision=LowPrecision(np.ones(len(masks), bool), 0.0, 0.0))
@@ -435,7 +441,7 @@ def test_a_subset_of_a_shared_fast_view_waits_for_its_refinement(fast_model):
 
     data, image, _ = load_case(CASES[2])
     masks, image = data["masks"], np.asarray(image.convert("RGB"))
-    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False))
+    exact = hybrid_features(fast_model.clip, image, masks, fast_model.config.replace(fast=False, dtype="float32"))
     low = exact + 1e-3 * exact.norm(dim=-1, keepdim=True)
     view = PreparedView(image, Proposals.from_masks(masks, *masks.shape[1:]), low.clone(), None,
                         low_precision=LowPrecision(np.ones(len(masks), bool), 0.0, 0.0))
@@ -450,3 +456,48 @@ def test_a_subset_of_a_shared_fast_view_waits_for_its_refinement(fast_model):
     sub = out[0]  # ... and sees the refined rows as exact, with their exact values
     assert not sub.low_precision.low[: len(masks) // 2].any()
     np.testing.assert_array_equal(sub.features.numpy(), view.features.numpy())
+
+
+
+@pytest.mark.parametrize("caps, native", [({"avx2": True}, False), ({"avx2": True, "amx_bf16": True}, True),
+                                          ({"avx512_bf16": True}, True)])
+def test_the_fast_mode_takes_bfloat16_only_on_a_cpu_that_computes_it(tiny_clip_pair, monkeypatch, caplog,
+                                                                     caps, native):
+    """A CPU without AVX512-BF16 or AMX emulates bfloat16: CLIP ViT-B/16's hybrid-feature pass took
+    4.8x its float32 time on an AVX2 EPYC, so the fast mode was several times slower than the exact
+    one. There it computes float32 at once (the exact features, bit for bit) and says so; where the
+    CPU computes bfloat16 it takes the low-precision path. The CPU's report is all that is faked."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    data, image, parse = load_case(CASES[0])
+    with caplog.at_level(logging.INFO, logger="hybridgl"):
+        model = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
+                         config=HybridGLConfig(fast=True, fast_patience=0))
+    assert ("emulates bfloat16" in caplog.text) == (not native)
+    view = model.prepare(image, proposals=data["masks"])
+    assert (view.low_precision is not None) == native
+    if not native:
+        exact = hybrid_features(model.clip, view.image, data["masks"], HybridGLConfig())
+        np.testing.assert_array_equal(view.features.numpy(), exact.numpy())
+    seg = model.segment(view, parse=parse)
+    for key in EXACT:
+        np.testing.assert_array_equal(seg.explain[key], data[key], err_msg=key)
+
+
+def test_a_bfloat16_asked_for_on_a_cpu_that_emulates_it_is_warned_of(tiny_clip_pair, monkeypatch, caplog):
+    """dtype or sam_dtype "bfloat16" are explicit choices (kept), but on such a CPU they cost time."""
+    from tiny_models import build_tiny_sam
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    for config, what in ((HybridGLConfig(dtype="bfloat16"), "CLIP's hybrid features"),
+                         (HybridGLConfig(sam_dtype="bfloat16"), "SAM's image encoder")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hybridgl"):
+            HybridGL(*tiny_clip_pair, sam=build_tiny_sam(), parser="rules", device="cpu", config=config)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warned == [f"{what} in bfloat16: this CPU emulates it (no AVX512-BF16 or AMX), several times "
+                          "slower than float32"]
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    caplog.clear()
+    HybridGL(*tiny_clip_pair, sam=build_tiny_sam(), parser="rules", device="cpu",
+             config=HybridGLConfig(dtype="bfloat16", sam_dtype="bfloat16"))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
