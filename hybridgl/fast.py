@@ -4,9 +4,9 @@
 GPU, bfloat16 on a CPU that computes it natively, or the config's `dtype`; none, float32 at once,
 on a CPU that emulates bfloat16) and measures its error on a few probe masks also computed in
 float32 (where that error is as large as the distances between masks' features, low precision
-could decide nothing, and the features are computed in float32 straight away). `LowPrecision` keeps what is known: which
-rows are still low precision, the error bounds measured on the probes (times a safety factor,
-since the probes are a sample) and the probes' exact features.
+could decide nothing, and the features are computed in float32 straight away). `LowPrecision`
+keeps what is known: which rows are still low precision, the error bounds measured on the probes
+(times a safety factor, since the probes are a sample) and the probes' exact features.
 
 A semantic score S_i = logit_scale * cos(v_i, t) then lies within `LowPrecision.score_bounds` of
 the exact one, for any text, up to a shift common to every mask that no choice sees. `contested`
