@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 FUSION_MODES = ("G2L", "L2G", "G2L+L2G", "G+L", "local", "global")
+# What a prepared view holds depends on these (its working image, hybrid features and GEM tokens);
+# the other keys decide how a view is read (SAM's, when proposals are given, guidance, scoring, speed).
+VIEW_KEYS = ("max_image_side", "fusion_mode", "fusion_start_block", "beta", "fusion_weight", "clip_input_size",
+             "blur_kernel", "fill_value", "image_mean", "image_std", "gem_blocks", "gem_input_size",
+             "gem_iterations", "gem_temperature", "clip_mean", "clip_std")
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,10 @@ class HybridGLConfig:
                 object.__setattr__(self, f.name, int(value))
             elif kind == "float" and type(value) is not float:  # alpha=1 is alpha=1.0, one fingerprint
                 object.__setattr__(self, f.name, float(value))
+
+    def view_settings(self) -> dict[str, Any]:
+        """The values of VIEW_KEYS: two configs whose view settings are equal prepare the same view."""
+        return {k: getattr(self, k) for k in VIEW_KEYS}
 
     def replace(self, **changes: Any) -> "HybridGLConfig":
         return dataclasses.replace(self, **changes)

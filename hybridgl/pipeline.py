@@ -110,7 +110,8 @@ class PreparedView:
     original_size: (H0, W0) of the given image when it was downscaled (config.max_image_side), else None;
     low_precision: None when the features are exact, else (fast mode) which rows are still low
     precision and the bounds on their error (`hybridgl.fast.LowPrecision`); `segment` makes rows
-    exact where a decision needs it, under `refining` (views are shared between requests).
+    exact where a decision needs it, under `refining` (views are shared between requests);
+    settings: the preparing config's `view_settings()` (None: unknown, a view built by hand).
     """
 
     image: np.ndarray
@@ -119,6 +120,7 @@ class PreparedView:
     tokens: torch.Tensor | None
     original_size: tuple[int, int] | None = None
     low_precision: LowPrecision | None = None
+    settings: dict[str, Any] | None = None
     _device_masks: torch.Tensor | None = field(default=None, repr=False)
     refining: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -165,7 +167,7 @@ class PreparedView:
         with self.refining:  # fast mode: rows and their low-precision flags copied in one state
             features = self.features[torch.from_numpy(idx).to(self.features.device)]
             low = self.low_precision.subset(idx, self.masks) if self.low_precision is not None else None
-        return PreparedView(self.image, props, features, self.tokens, self.original_size, low)
+        return PreparedView(self.image, props, features, self.tokens, self.original_size, low, self.settings)
 
     def coherence_tokens(self, clip: nn.Module, config: HybridGLConfig,
                          device: torch.device | str) -> torch.Tensor:
@@ -372,7 +374,7 @@ class HybridGL:
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
-        return PreparedView(rgb, props, features, tokens, original_size, low)
+        return PreparedView(rgb, props, features, tokens, original_size, low, self.config.view_settings())
 
     @torch.no_grad()
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
@@ -380,6 +382,10 @@ class HybridGL:
         """Choose the proposal that `expression` refers to (or use `parse` as given)."""
         if not isinstance(view, PreparedView):
             view = self.prepare(view)
+        if view.settings is not None and view.settings != (ours := self.config.view_settings()):
+            differ = ", ".join(sorted(k for k in ours if view.settings.get(k) != ours[k]))
+            raise ValueError(f"this view was prepared with other image settings ({differ}) than this model's: "
+                             "prepare the image with this model")
         if parse is None:
             parse = self.parse(expression if expression is not None else "")
         if view.low_precision is None:

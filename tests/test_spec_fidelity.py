@@ -186,6 +186,25 @@ def test_coherence_switch_is_honoured_at_segment_time(tiny_clip_pair, prepared):
     np.testing.assert_allclose(without["G"], off.segment(bare, parse=parse).explain["G"], atol=1e-6)
 
 
+
+def test_a_view_prepared_with_other_image_settings_is_refused(tiny_clip_pair, prepared):
+    """A view holds the features and GEM tokens of the config that prepared it: a model whose
+    fusion, CLIP input, GEM or image-size settings differ segmented it with the preparer's features
+    and tokens, under its own model_version. It is refused, naming the keys; a model that differs
+    only in the choice's settings (guidance, scoring, speed) segments it."""
+    parse = PARSES["left"]
+    for changes in ({"beta": 1.0}, {"gem_iterations": 2}, {"fusion_mode": "L2G", "blur_kernel": 5},
+                    {"max_image_side": 512}):
+        other = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config=changes)
+        keys = ", ".join(sorted(changes))
+        with pytest.raises(ValueError, match=f"prepared with other image settings \\({keys}\\)"):
+            other.segment(prepared, parse=parse)
+        with pytest.raises(ValueError, match="prepared with other image settings"):
+            other.segment(prepared.subset([0, 1]), parse=parse)
+    same = HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu",
+                    config={"alpha": 0.2, "k1": 2, "use_coherence": False, "fast": True, "points_per_side": 4})
+    assert same.segment(prepared, parse=parse).index is not None
+
 # -- spec 2: the feature settings a configuration may change ------------------------------------
 
 def _small_case():
