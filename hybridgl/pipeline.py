@@ -238,6 +238,7 @@ class HybridGL:
         self.parser = parser
         self.logit_scale = float(self.clip.logit_scale.detach().exp())
         self.fast_history = FastHistory(self.config.fast_patience)
+        self.view_settings = self.config.view_settings()  # the config is frozen: once, not per expression
         self._version: str | None = None
         self._check_precision()
         log.info("HybridGL ready on %s (parser: %s, SAM: %s)", self.device, self.parser_name,
@@ -374,7 +375,7 @@ class HybridGL:
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
-        return PreparedView(rgb, props, features, tokens, original_size, low, self.config.view_settings())
+        return PreparedView(rgb, props, features, tokens, original_size, low, self.view_settings)
 
     @torch.no_grad()
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
@@ -382,7 +383,7 @@ class HybridGL:
         """Choose the proposal that `expression` refers to (or use `parse` as given)."""
         if not isinstance(view, PreparedView):
             view = self.prepare(view)
-        if view.settings is not None and view.settings != (ours := self.config.view_settings()):
+        if view.settings is not None and view.settings != (ours := self.view_settings):
             differ = ", ".join(sorted(k for k in ours if view.settings.get(k) != ours[k]))
             raise ValueError(f"this view was prepared with other image settings ({differ}) than this model's: "
                              "prepare the image with this model")
