@@ -387,3 +387,12 @@ def test_overrides_of_a_base_config_holding_none_are_written_and_reload(tmp_path
     (tmp_path / "plain").mkdir()
     plain = report.write_overrides(tmp_path / "plain", HybridGLConfig(), {"alpha": 0.3}, {"verdict": "x"})
     assert plain.name == "overrides.toml" and HybridGLConfig.from_file(plain).alpha == 0.3
+
+
+def test_the_search_never_changes_what_a_prepared_view_holds():
+    """The candidate cache reuses each image's view across the searched configs; segment refuses a
+    view whose image settings (config.VIEW_KEYS) differ, so no searched key may be one of them."""
+    from hybridgl.config import VIEW_KEYS
+    from hybridgl.tuning.space import SEARCHED, TEXT_SEARCHED
+
+    assert SEARCHED and not set(SEARCHED + TEXT_SEARCHED) & set(VIEW_KEYS)
