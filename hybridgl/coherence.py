@@ -17,6 +17,7 @@ from torch import nn
 from . import clip_vit
 from .config import HybridGLConfig
 from .hybrid_features import image_tensor, normalize
+from .precision import ieee_float32
 
 
 def gem_input(image: np.ndarray, config: HybridGLConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -47,6 +48,7 @@ def self_self_attention(layer: nn.Module, x: torch.Tensor, iterations: int,
 
 
 @torch.no_grad()
+@ieee_float32
 def gem_tokens(clip: nn.Module, image: np.ndarray, config: HybridGLConfig,
                device: torch.device | str = "cpu", debug: dict | None = None) -> torch.Tensor:
     """GEM patch-token features of an image, L2-normalised: float32 [g, g, D] (g = S / patch)."""
@@ -76,6 +78,7 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
+@ieee_float32
 def coherence_map(tokens: torch.Tensor, text_feature: torch.Tensor, size: tuple[int, int],
                   config: HybridGLConfig, debug: dict | None = None) -> torch.Tensor:
     """Coherence map A in [0,1], float32 [H,W].

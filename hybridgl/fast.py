@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_feature_rows, hybrid_features
+from .precision import ieee_float32
 
 
 def native_bfloat16() -> bool:
@@ -170,6 +171,7 @@ class FastHistory:
 
 
 @torch.no_grad()
+@ieee_float32
 def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
                   device: torch.device) -> tuple[torch.Tensor, LowPrecision | None]:
     """Hybrid features [N,D] in low precision and what is known of their error (None: exact).

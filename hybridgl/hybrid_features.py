@@ -16,6 +16,7 @@ from torch import nn
 
 from . import clip_vit
 from .config import HybridGLConfig
+from .precision import ieee_float32
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -181,6 +182,7 @@ def feature_batch_size(config: HybridGLConfig, device: torch.device | str) -> in
 
 
 @torch.no_grad()
+@ieee_float32
 def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor,
                     config: HybridGLConfig, device: torch.device | str = "cpu",
                     debug: dict | None = None) -> torch.Tensor:
@@ -194,6 +196,7 @@ def hybrid_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torc
 
 
 @torch.no_grad()
+@ieee_float32
 def hybrid_feature_rows(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor,
                         rows: np.ndarray, config: HybridGLConfig, device: torch.device | str = "cpu"
                         ) -> tuple[np.ndarray, torch.Tensor]:

@@ -25,6 +25,7 @@ from .fast import FastHistory, LowPrecision, contested, low_precision, native_bf
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
+from .precision import ieee_float32
 from .proposals import MaskProposer, Proposals, build_sam
 from .text import encode_text, text_features
 
@@ -330,6 +331,7 @@ class HybridGL:
         return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
     @torch.no_grad()
+    @ieee_float32
     def prepare(self, image: Image.Image | np.ndarray,
                 proposals: np.ndarray | torch.Tensor | Proposals | None = None) -> PreparedView:
         """All the image-only work: proposals, hybrid features, GEM token features.
@@ -378,6 +380,7 @@ class HybridGL:
         return PreparedView(rgb, props, features, tokens, original_size, low, self.view_settings)
 
     @torch.no_grad()
+    @ieee_float32
     def segment(self, view: PreparedView | Image.Image | np.ndarray, expression: str | None = None,
                 parse: ParsedExpression | None = None) -> Segmentation:
         """Choose the proposal that `expression` refers to (or use `parse` as given)."""

@@ -24,6 +24,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
 from .config import HybridGLConfig
+from .precision import ieee_float32
 from .sam_vit import decode_masks, image_embedding
 
 log = logging.getLogger("hybridgl.proposals")
@@ -111,6 +112,7 @@ class MaskProposer:
                                                        config.crop_n_points_downscale_factor)
 
     @torch.no_grad()
+    @ieee_float32
     def __call__(self, image: np.ndarray) -> Proposals:
         """image: uint8 [H,W,3] RGB -> Proposals (possibly empty)."""
         h, w = image.shape[:2]

@@ -23,6 +23,8 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import nn
 
+from .precision import ieee_float32
+
 # Scores per chunk of rows in `attention` (floats): a few MB on CPU, so a chunk stays in cache; a
 # GPU wants few large kernels (256 MB: a global block's heads in a handful of chunks).
 SCORE_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
@@ -81,6 +83,7 @@ def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int | None = None) -
     return x + block.mlp(block.norm2(x))
 
 
+@ieee_float32
 def image_embedding(sam: Sam, pixels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`sam.image_encoder(pixels)`: preprocessed pixels [1,3,S,S] -> image embedding [1,256,S/16,S/16]."""
     encoder = sam.image_encoder
@@ -160,6 +163,7 @@ def _two_way(transformer: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor, t
 
 
 @torch.no_grad()
+@ieee_float32
 def decode_masks(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor],
                  prompts_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's multimask prediction for single-point prompts on one image, only for masks `keep` accepts.

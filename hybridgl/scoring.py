@@ -5,7 +5,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .precision import ieee_float32
 
+
+@ieee_float32
 def semantic_score(features: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """S_i = logit_scale * cos(v_i, t): features [N,D], text [D] -> [N]."""
     return logit_scale * (F.normalize(features, dim=-1) @ F.normalize(text, dim=-1))

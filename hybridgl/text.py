@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import HybridGLConfig
 from .parsing import ParsedExpression
+from .precision import ieee_float32
 
 log = logging.getLogger("hybridgl.text")
 
@@ -32,6 +33,7 @@ def clip_clean(text: str) -> str:
 
 
 @torch.no_grad()
+@ieee_float32
 def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """One string -> its raw (unnormalised) CLIP text feature [D].
 

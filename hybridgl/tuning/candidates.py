@@ -30,6 +30,7 @@ from ..coherence import coherence_map
 from ..config import HybridGLConfig
 from ..parsing import ParsedExpression
 from ..pipeline import PreparedView, to_rgb_array, weights_fingerprint
+from ..precision import ieee_float32
 from ..proposals import Proposals
 from ..text import encode_text, text_features
 from .space import SEARCHED, TEXT_SEARCHED
@@ -147,7 +148,7 @@ class CandidateCache:
         model = self.model
         if model.proposer is None:
             raise ValueError(f"image {image_key}: the model has no SAM to propose masks")
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32:
             view = model.prepare(rgb)  # the pipeline's own image pass (downscaling included)
             tokens = view.coherence_tokens(model.clip, self.config, model.device).cpu()
         props = view.proposals
@@ -179,7 +180,7 @@ class CandidateCache:
         dev = model.device
         parse = model.parse(expression)
         means: dict[tuple[bool, str], tuple[np.ndarray, np.ndarray]] = {}
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32:
             text = text_features(model.clip, model.tokenizer, parse, cfg, dev)
             if len(image):
                 size = image.masks.shape[1:]
