@@ -20,7 +20,7 @@ from hybridgl.hybrid_features import Resampler, hybrid_features
 from hybridgl.pipeline import PreparedView
 from hybridgl.proposals import Proposals
 
-from test_golden import CASES, EXACT, load_case
+from golden_cases import CASES, EXACT, load_case
 
 
 @pytest.fixture(scope="module")

@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from hybridgl import HybridGLConfig, ParsedExpression
 from hybridgl.coherence import coherence_map, gem_tokens
 from hybridgl.hybrid_features import hybrid_features
 from hybridgl.text import encode_text
 
+from golden_cases import CASES, EXACT, TOLERANCES, load_case
 from tiny_models import GOLDEN_DIR
-
-CASES = sorted(p.name for p in GOLDEN_DIR.iterdir() if p.is_dir())
-TOLERANCES = {
-    "hybrid_features": 1e-4, "text_sentence": 1e-4, "text_noun_phrase": 1e-4, "text_mixed": 1e-4,
-    "text_neg": 1e-4, "S": 1e-3, "S_neg": 1e-3, "p": 1e-5, "q": 1e-5, "R": 1e-5, "P": 1e-5,
-    "gem_A": 1e-4, "gem_Aprime": 1e-4, "G": 1e-4, "F": 1e-4,
-}
-EXACT = ("topk_I", "J_used", "k1", "k2", "pred_g2l", "pred_final")
-
-
-def load_case(name: str):
-    data = np.load(GOLDEN_DIR / name / "case.npz")
-    image = Image.open(GOLDEN_DIR / name / "image.png")
-    parse = ParsedExpression(str(data["sentence"]), str(data["noun_phrase"]),
-                             tuple(str(o) for o in data["other_nouns"]), str(data["relation"]),
-                             str(data["direction"]))
-    return data, image, parse
 
 
 @pytest.fixture(scope="module")
