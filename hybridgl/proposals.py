@@ -124,8 +124,8 @@ class MaskProposer:
         iou = torch.cat([p[2] for p in parts])
         if len(crop_boxes) > 1:  # duplicates between crops: prefer masks from smaller crops
             per_mask = torch.cat([torch.tensor([b] * len(p[0]), dtype=torch.int64).reshape(-1, 4)
-                                  for p, b in zip(parts, crop_boxes)])
-            keep = batched_nms(boxes.float(), 1 / box_area(per_mask), torch.zeros(len(boxes)),
+                                  for p, b in zip(parts, crop_boxes)]).to(boxes.device)  # nms: one device
+            keep = batched_nms(boxes.float(), 1 / box_area(per_mask), torch.zeros(len(boxes), device=boxes.device),
                                iou_threshold=CROP_NMS_THRESH)
             masks, boxes, iou = masks[keep], boxes[keep], iou[keep]
         masks = masks.cpu()
@@ -171,7 +171,8 @@ class MaskProposer:
         parts = [self._batch(embedding, input_size, crop_size, batch, crop_box, image.shape[:2])
                  for (batch,) in batch_iterator(self.config.points_per_batch, points)]
         masks, boxes, iou = (torch.cat([p[i] for p in parts]) for i in range(3))
-        keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), iou_threshold=self.config.box_nms_thresh)
+        keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes), device=boxes.device),
+                           iou_threshold=self.config.box_nms_thresh)
         return masks[keep], uncrop_boxes_xyxy(boxes[keep], crop_box), iou[keep]
 
     def _batch(self, embedding: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, ...],
