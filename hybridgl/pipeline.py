@@ -414,6 +414,16 @@ class HybridGL:
                 self.fast_history.record(1.0 - float(first.low.mean()))
         return seg
 
+    def make_exact(self, view: PreparedView) -> PreparedView:
+        """Every feature of a fast-mode view float32, the exact mode's numbers (an exact view as is).
+
+        For uses that score a view under other configs than the model's (hybridgl.tuning): the fast
+        mode's low-precision rows are bounded only for the choices of its own config."""
+        with view.refining:
+            if view.low_precision is not None:
+                self._refine(view, np.flatnonzero(view.low_precision.low))
+        return view
+
     def _refine(self, view: PreparedView, rows: np.ndarray) -> None:
         """Float32 features for `rows` of a fast-mode view, as the exact mode computes them: in its
         passes (`feature_batch_size` masks), so the other low rows of those passes become exact too."""

@@ -396,3 +396,18 @@ def test_the_search_never_changes_what_a_prepared_view_holds():
     from hybridgl.tuning.space import SEARCHED, TEXT_SEARCHED
 
     assert SEARCHED and not set(SEARCHED + TEXT_SEARCHED) & set(VIEW_KEYS)
+
+
+def test_a_fast_model_caches_the_exact_features(model):
+    """The searched configs are scored on the cached features, and a fast view's low-precision rows
+    are bounded only for its own config's choices: a fast model (bfloat16 named, so the low-precision
+    path runs on any CPU) must cache the exact mode's features, bit for bit."""
+    from tiny_models import tiny_hybridgl
+
+    fast = tiny_hybridgl(gem_input_size=224, fast=True, fast_patience=0, dtype="bfloat16")
+    img = make_image(3)
+    assert fast.prepare(img).low_precision is not None  # the fast model's own view is low precision
+    _, exact = CandidateCache(model).image("3", lambda: img)
+    _, cached = CandidateCache(fast).image("3", lambda: img)
+    np.testing.assert_array_equal(cached.masks, exact.masks)
+    np.testing.assert_array_equal(cached.features, exact.features)

@@ -149,7 +149,9 @@ class CandidateCache:
         if model.proposer is None:
             raise ValueError(f"image {image_key}: the model has no SAM to propose masks")
         with torch.no_grad(), ieee_float32:
-            view = model.prepare(rgb)  # the pipeline's own image pass (downscaling included)
+            # the pipeline's own image pass (downscaling included); the searched configs are scored
+            # on its features, so a fast model's are made exact
+            view = model.make_exact(model.prepare(rgb))
             tokens = view.coherence_tokens(model.clip, self.config, model.device).cpu()
         props = view.proposals
         cand = ImageCandidates(props.masks, props.boxes_xywh.astype(np.int64), props.quality.astype(np.float32),
