@@ -125,8 +125,14 @@ class PreparedView:
     _device_masks: torch.Tensor | None = field(default=None, repr=False)
     refining: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def __getstate__(self) -> dict:  # views travel between processes (Ray); a lock does not
-        return {k: v for k, v in self.__dict__.items() if k != "refining"}
+    def __getstate__(self) -> dict:
+        """Views travel between processes (Ray), a lock does not; nor do device tensors: the receiver
+        may have no GPU of that index (torch's unpickling would fail), and its model moves them."""
+        state = {k: v for k, v in self.__dict__.items() if k != "refining"}
+        state["features"] = self.features.cpu()
+        state["tokens"] = self.tokens.cpu() if self.tokens is not None else None
+        state["_device_masks"] = None
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, refining=threading.Lock())
@@ -176,9 +182,14 @@ class PreparedView:
         return self.tokens if self.tokens is not None else gem_tokens(clip, self.image, config, device)
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
-        if self._device_masks is None:
-            self._device_masks = torch.from_numpy(self.proposals.masks).to(device)
-        return self._device_masks
+        """The masks as a bool tensor on `device`, kept for the next expression (on the last device asked)."""
+        device = torch.device(device)
+        kept = self._device_masks
+        moved = kept is None or kept.device.type != device.type or \
+            (device.index is not None and kept.device.index != device.index)  # "cuda" is "cuda:0"
+        if moved:
+            self._device_masks = kept = torch.from_numpy(self.proposals.masks).to(device)
+        return kept
 
 
 @dataclass
@@ -454,12 +465,13 @@ class HybridGL:
         if n == 0:
             return Segmentation(None, 0.0, None, None, [], parse, explain, reason="no mask proposals")
 
-        S = scoring.semantic_score(view.features, text.mixed, self.logit_scale)
+        features = view.features.to(dev)  # a view from another process or device (a no-op otherwise)
+        S = scoring.semantic_score(features, text.mixed, self.logit_scale)
         p = S.softmax(dim=0)
         explain.update(S=S.cpu().numpy(), p=p.cpu().numpy())
         q = None
         if text.neg is not None:  # without other nouns S_neg and q do not exist (the reference's NaN)
-            S_neg = scoring.semantic_score(view.features, text.neg, self.logit_scale)
+            S_neg = scoring.semantic_score(features, text.neg, self.logit_scale)
             q = S_neg.softmax(dim=0)
             explain.update(S_neg=S_neg.cpu().numpy(), q=q.cpu().numpy())
 
@@ -476,7 +488,7 @@ class HybridGL:
         size = view.size
         if cfg.use_coherence:  # this model's switch, whichever model prepared the view
             gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev)
-            A = coherence_map(view.coherence_tokens(self.clip, cfg, dev), gem_text, size, cfg)
+            A = coherence_map(view.coherence_tokens(self.clip, cfg, dev).to(dev), gem_text, size, cfg)
         else:
             A = torch.ones(size, device=dev)
         direction = parse.direction if cfg.use_position_prior else "none"

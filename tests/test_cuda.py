@@ -117,3 +117,21 @@ def test_a_gpu_model_is_the_cpu_models_choice_on_an_image():
         model = HybridGL.from_pretrained(clip=str(TINY_CLIP_DIR), sam=None, parser="rules", device=device)
         chosen[device] = model.segment(model.prepare(image, proposals=data["masks"]), parse=parse).index
     assert chosen["cpu"] == chosen[CUDA]
+
+
+def test_proposals_given_as_a_gpu_tensor(exact_cuda):
+    data, image, parse = load_case("p01_red_ball")
+    masks = torch.from_numpy(data["masks"]).to(CUDA)
+    seg = exact_cuda.segment(exact_cuda.prepare(image, proposals=masks), parse=parse)
+    assert seg.index == int(data["pred_final"])
+
+
+def test_a_view_prepared_on_the_gpu_segments_on_the_cpu_and_back(exact_cuda):
+    """A view made by one model, segmented by a model on another device (views travel: Ray)."""
+    data, image, parse = load_case("p03_bigger_ball")
+    cpu_model = HybridGL(*tiny_clip(), sam=None, parser="rules", device="cpu")
+    on_gpu = exact_cuda.prepare(image, proposals=data["masks"])
+    on_cpu = cpu_model.prepare(image, proposals=data["masks"])
+    assert cpu_model.segment(on_gpu, parse=parse).index == int(data["pred_final"])
+    assert exact_cuda.segment(on_cpu, parse=parse).index == int(data["pred_final"])
+    assert exact_cuda.segment(on_gpu, parse=parse).index == int(data["pred_final"])  # masks back on the GPU

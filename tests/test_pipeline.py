@@ -322,3 +322,25 @@ def test_text_is_cleaned_as_clip_tokenize_cleans_it(tiny_clip_pair):
     for raw, clean in same:
         assert torch.equal(encode_text(clip, tok, raw), encode_text(clip, tok, clean)), raw
     assert not torch.equal(encode_text(clip, tok, "the man's umbrella"), encode_text(clip, tok, "the man umbrella"))
+
+
+def test_a_pickled_view_is_device_free_and_its_mask_copy_follows_the_device_asked(tiny_model_nosam, image):
+    """Views travel between processes (Ray) and may be segmented by a model on another device: the
+    pickle holds CPU tensors and no device copy of the masks (a GPU index the receiver may lack
+    would fail torch's unpickling), and the masks' device copy is made for the device asked."""
+    import pickle
+
+    masks = np.zeros((3, image.height, image.width), dtype=bool)
+    masks[0, :10, :10] = masks[1, 5:, 5:] = masks[2] = True
+    view = tiny_model_nosam.prepare(image, proposals=masks)
+    seg = tiny_model_nosam.segment(view, "the thing on the left")
+    assert view._device_masks is not None  # made by segment
+    state = view.__getstate__()
+    assert state["_device_masks"] is None
+    assert state["features"].device.type == "cpu"
+    back = pickle.loads(pickle.dumps(view))
+    assert tiny_model_nosam.segment(back, "the thing on the left").index == seg.index
+    cpu = back.device_masks(torch.device("cpu"))
+    meta = back.device_masks(torch.device("meta"))  # another device: its own copy, not the CPU one
+    assert cpu.device.type == "cpu" and meta.device.type == "meta"
+    assert back.device_masks(torch.device("cpu")).device.type == "cpu"
