@@ -52,7 +52,8 @@ class Proposals:
     @classmethod
     def from_masks(cls, masks: np.ndarray | torch.Tensor, height: int, width: int) -> "Proposals":
         """Injected masks (bool [N,H,W]) with boxes computed exactly as SAM computes them."""
-        m = masks.detach().cpu().bool() if isinstance(masks, torch.Tensor) else torch.as_tensor(np.asarray(masks)).bool()
+        m = masks.detach().cpu() if isinstance(masks, torch.Tensor) else torch.as_tensor(np.asarray(masks))
+        m = m.bool()
         if m.ndim == 2:
             m = m[None]
         if m.ndim != 3 or tuple(m.shape[1:]) != (height, width):
