@@ -316,8 +316,12 @@ class HybridGL:
     def model_version(self) -> str:
         """Stable for the same weights, parser and config; different when any of them changes."""
         if self._version is None:
-            blob = "|".join([VERSION, weights_fingerprint(self.clip), weights_fingerprint(self.sam),
-                             self.parser_name, self.config.fingerprint()])
+            parts = [VERSION, weights_fingerprint(self.clip), weights_fingerprint(self.sam), self.parser_name,
+                     self.config.fingerprint()]
+            sam_dtype = self.proposer.sam_dtype(self.device) if self.proposer is not None else "float32"
+            if sam_dtype != "float32":  # the fast mode's float16 SAM on a GPU proposes other masks than on CPU
+                parts.append(f"sam_dtype={sam_dtype}")
+            blob = "|".join(parts)
             self._version = f"hybridgl-{VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
         return self._version
 

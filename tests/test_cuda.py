@@ -135,3 +135,16 @@ def test_a_view_prepared_on_the_gpu_segments_on_the_cpu_and_back(exact_cuda):
     assert cpu_model.segment(on_gpu, parse=parse).index == int(data["pred_final"])
     assert exact_cuda.segment(on_cpu, parse=parse).index == int(data["pred_final"])
     assert exact_cuda.segment(on_gpu, parse=parse).index == int(data["pred_final"])  # masks back on the GPU
+
+
+def test_the_model_version_tells_a_float16_sam_from_a_float32_one():
+    """The fast mode runs SAM's encoder in float16 on a GPU only (other proposals): its predictions
+    must not share a version with the same config's on CPU; the exact mode's do."""
+    versions = {}
+    for device in ("cpu", CUDA):
+        for fast in (False, True):
+            model = HybridGL(*tiny_clip(), sam=build_tiny_sam(), parser="rules", device=device,
+                             config=HybridGLConfig(fast=fast))
+            versions[device, fast] = model.model_version
+    assert versions["cpu", False] == versions[CUDA, False]
+    assert versions["cpu", True] != versions[CUDA, True]
