@@ -78,6 +78,9 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
+TINY_SIDE = 32  # images with a side below this: A resized on the CPU when on CUDA (see coherence_map)
+
+
 @ieee_float32
 def coherence_map(tokens: torch.Tensor, text_feature: torch.Tensor, size: tuple[int, int],
                   config: HybridGLConfig, debug: dict | None = None) -> torch.Tensor:
@@ -93,7 +96,11 @@ def coherence_map(tokens: torch.Tensor, text_feature: torch.Tensor, size: tuple[
     sim = _min_max(F.interpolate(sim, size=(s, s), mode="bilinear", align_corners=False))
     if debug is not None:
         debug["gem_raw"] = sim[0].cpu().numpy()
-    resized = F.interpolate(sim, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    # CUDA's antialiased kernel needs shared memory growing with the downscale factor and refuses
+    # large ones (a side of a few pixels from 448): such small maps are resized on the CPU
+    tiny = sim.device.type == "cuda" and min(size) < TINY_SIDE
+    resized = F.interpolate(sim.cpu() if tiny else sim, size=size, mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0].to(sim.device)
     if debug is not None:
         debug["gem_resized"] = resized.cpu().numpy()
     return _min_max(resized)

@@ -148,3 +148,17 @@ def test_the_model_version_tells_a_float16_sam_from_a_float32_one():
             versions[device, fast] = model.model_version
     assert versions["cpu", False] == versions[CUDA, False]
     assert versions["cpu", True] != versions[CUDA, True]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2000), (3, 3), (7, 4000), (16, 17), (31, 640)])
+def test_thin_and_tiny_images_on_cuda(exact_cuda, shape):
+    """The coherence map's antialiased resize from 448 to a side of a few pixels (CUDA's kernel
+    refuses large downscale factors): the same map as on the CPU."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    masks = np.ones((2, *shape), dtype=bool)
+    masks[1, :, shape[1] // 2:] = False  # the left half (empty for a one-pixel-wide image)
+    cpu_model = HybridGL(*tiny_clip(), sam=None, parser="rules", device="cpu")
+    gpu = exact_cuda.segment(exact_cuda.prepare(image, proposals=masks), "the thing on the left")
+    cpu = cpu_model.segment(cpu_model.prepare(image, proposals=masks), "the thing on the left")
+    assert gpu.mask.shape == shape
+    np.testing.assert_allclose(gpu.explain["gem_A"], cpu.explain["gem_A"], atol=1e-4)
