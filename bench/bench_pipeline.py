@@ -53,7 +53,7 @@ def main() -> None:
         model = tiny_hybridgl(sam=True)
         model = HybridGL(model.clip, model.tokenizer, sam=model.sam, parser="rules", device=args.device,
                          config=model.config)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(model.device)) if model.device.type == "cuda" else (lambda: None)
     image = load_image(args.image)
     h, w = image.shape[:2]
     print(f"device {model.device}, image {w}x{h}, {'real' if args.real else 'tiny'} models")

@@ -108,9 +108,9 @@ def worker(args) -> dict:
         clip, tokenizer, sam = random_models(args.sam) if args.models == "random" else (*tiny_clip(), build_tiny_sam())
         model = HybridGL(clip, tokenizer, sam=sam, parser="rules", device=args.device, config=config)
     cuda = model.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(model.device)) if cuda else (lambda: None)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(model.device)
 
     def timed(fn):
         sync()
@@ -146,7 +146,7 @@ def worker(args) -> dict:
                        "proposal_bits": [packed(m) for m in props.masks], "shape": list(image.shape[:2]),
                        "low_rows": int(low.low.sum()) if low is not None else 0, "expressions": exprs})
     batch = batch_share(model, args, sync) if args.batch else None
-    out = {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    out = {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if cuda else None,
            "device": str(model.device), "threads": torch.get_num_threads()}
     if args.fast:  # this tree only: which low precision the fast mode took on this machine
         from hybridgl.fast import low_precision
