@@ -12,7 +12,11 @@ fast mode's autocast) are unaffected: the flags govern only float32 operations.
 
 The flags are process-wide, so the guard counts the passes in flight (threads, nesting): the first
 one in saves the process's settings, the last one out restores them. Another thread computing
-float32 outside the method meanwhile gets IEEE too (slower, never less exact).
+float32 outside the method meanwhile gets IEEE too (slower, never less exact), and torch's legacy
+getter `torch.backends.cudnn.allow_tf32` raises there until the pass ends (torch refuses it while
+the per-backend flags differ; its kernels read those). Fused attention kernels on Ampere and later
+GPUs compute float32 products as three TF32 products whatever the flags say: float32's accuracy,
+not its bits.
 """
 from __future__ import annotations
 
