@@ -32,6 +32,7 @@ model_version) re-predicts only what nobody has reviewed yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -347,6 +348,10 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
                               f"{POST_ATTEMPTS} times ({exc.__class__.__name__}: {str(exc)[:200]})")
 
     def flush() -> None:
+        with _whole(bar.write):
+            _flush()
+
+    def _flush() -> None:
         drops = 0  # of this batch's bulk import: past POST_ATTEMPTS it is posted one by one (a bad body)
         while True:
             try:
@@ -605,6 +610,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _whole(say: Callable[[str], Any]) -> Iterator[None]:
+    """A batch's post and its counting happen whole: Ctrl-C or SIGTERM arriving meanwhile ends the run
+    right after it, not between Label Studio storing the predictions and the summary counting them
+    (which then called them not reached). A second one stops at once (an outage wait can be long).
+    Only signals that end the run by KeyboardInterrupt, and only in the main thread (Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ending = {sig: h for sig in (signal.SIGINT, signal.SIGTERM)
+              if (h := signal.getsignal(sig)) in (signal.default_int_handler, _interrupt)}
+    caught: list[int] = []
+
+    def defer(sig: int, frame: Any) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(sig)
+        say("interrupted: finishing the batch being posted (again to stop at once)")
+
+    for sig in ending:
+        signal.signal(sig, defer)
+    try:
+        yield
+    finally:
+        for sig, handler in ending.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None, backend=None) -> int:

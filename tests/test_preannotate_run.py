@@ -29,6 +29,7 @@ class FakeLS:
         self.creates: list[dict] = []
         self.down = False
         self.on_import = None  # called with the body before storing (may raise)
+        self.on_stored = None  # called once a bulk import is stored, before its answer goes back
         self.on_create = None
         self.on_list = None  # called with each page of the task list once it is read
         self.config = CONFIG  # the project's labelling config
@@ -83,6 +84,8 @@ class FakeLS:
         self.imports.append(kept)
         for p in kept:
             self._store(p)
+        if self.on_stored:
+            self.on_stored()
         return SimpleNamespace(created=len(kept))
 
     def _create(self, task, result, score, model_version):
@@ -153,6 +156,25 @@ def test_failed_tasks_count_toward_the_batch_so_an_interruption_loses_at_most_on
     assert len(s.failed) == 6
     assert posted_before == [0, 0, 2, 2, 4, 4]  # each pair posted before the next task is predicted
     assert [len(b) for b in ls.imports] == [2, 2, 2]
+
+
+def test_a_sigterm_while_a_batch_is_posted_ends_the_run_once_the_batch_is_counted():
+    """The signal lands once Label Studio has stored a batch, before its answer is read (the e2e
+    interruption test sends it the moment the predictions show): those tasks are done, not 'not
+    reached' (a summary of 0 done while Label Studio held 2 predictions)."""
+    import os
+    import signal
+
+    ls, backend = FakeLS(tasks(6)), FakeBackend()
+    ls.on_stored = lambda: os.kill(os.getpid(), signal.SIGTERM) if len(ls.imports) == 1 else None
+    previous = signal.signal(signal.SIGTERM, preannotate._interrupt)  # as main() installs it
+    try:
+        s = run(backend, ls, batch=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert s.interrupted
+    assert [t for t in ls.tasks_by_id if ls.predictions_of(t)] == [1, 2]
+    assert (s.done, s.predictions, s.not_reached) == (2, 2, 4)
 
 
 def refuse_bulk(request):
