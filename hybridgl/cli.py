@@ -186,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
+    from .distributed import DeviceFailure  # (no Ray import)
+
     try:
         return int(args.func(args) or 0)
+    except DeviceFailure as exc:  # the run stopped on a broken GPU: one line that says what is kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,9 +8,10 @@ prepared once. `load(item)` fetches and decodes in plain Ray tasks, overlapping 
 configurable number of CPU actors otherwise), each building its model once with `factory()`.
 Results stream back to the driver in completion order, which writes or posts them.
 
-Faults: Ray restarts an actor whose process dies (killed, or a CUDA error: `work` then ends the
-process on purpose so the device gets a fresh context) and retries its in-flight items on the
-pool; the driver keeps the first result per item (a retried item can never be written twice), and
+Faults: Ray restarts an actor whose process dies (killed, or a device failure: on an error that
+`is_device_failure` recognises, a sticky CUDA error, the actor ends its process on purpose so the
+device gets a fresh context; `work` must let such errors out, never turn them into the item's
+failure) and retries its in-flight items on the pool; the driver keeps the first result per item (a retried item can never be written twice), and
 an item that still fails is reported by index, never silently lost (`Result.error`).
 
 Needs the `ray` extra (`pip install hybridgl[ray]`); importing this module does not import Ray.
@@ -165,10 +166,34 @@ class Result:
     worker: int | None = None  # PID of the actor process that produced it
 
 
-def _is_device_failure(exc: BaseException) -> bool:
-    """A CUDA error leaves the process's device context unusable: the actor must be replaced."""
-    text = f"{type(exc).__name__}: {exc}"
-    return any(sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory"))
+DEVICE_FAILURE_SIGNS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory")
+
+
+class DeviceFailure(RuntimeError):
+    """The accelerator failed in a way that leaves this process unable to use it: after a sticky CUDA
+    error (an illegal memory access, a launch failure, CUBLAS_STATUS_..., a cuDNN error, CUDA out of
+    memory) every later CUDA call of the process fails too. Never the failure of one item (image,
+    expression, task): the process must stop taking work and be replaced by a fresh one. Raised
+    from the original error (`__cause__`)."""
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a device failure (see DeviceFailure): a DeviceFailure, or an error whose
+    "Type: message" (or that of the error it was raised from) carries a CUDA error's signature.
+
+    Every loop that turns an item's exception into that item's failed result asks this first and
+    re-raises a device failure: a Ray model actor then exits (`_Worker`) so that Ray replaces it and
+    retries the item, a single-process run stops, the HTTP backend restarts itself."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DeviceFailure):
+            return True
+        text = f"{type(exc).__name__}: {exc}"
+        if any(sign in text for sign in DEVICE_FAILURE_SIGNS):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _node_room(node: dict, gpus: float, cpus: float) -> float:
@@ -281,7 +306,7 @@ class _Worker:
             try:
                 value = self.work(self.model, pickle.loads(row["item"]), pickle.loads(row["loaded"]))
             except Exception as exc:  # noqa: BLE001
-                if _is_device_failure(exc):
+                if is_device_failure(exc):
                     log.error("device failure in actor %d (%s): exiting so Ray restarts it and retries", self.pid, exc)
                     os._exit(1)
                 error = f"internal: {type(exc).__name__}: {exc}"

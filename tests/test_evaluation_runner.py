@@ -236,6 +236,70 @@ def test_a_systematic_failure_stops_the_run(clip_pair, refer_data, tmp_path):
                               tmp_path / "run2", proposals_fn=gt_proposals, progress=False)
 
 
+def test_a_device_failure_stops_the_run_keeping_its_lines_and_the_rerun_continues(clip_pair, refer_data, tmp_path):
+    """A sticky CUDA error (simulated by a hook on the tiny CLIP: the hardware is all that is faked)
+    fails every later CUDA call of the process. The run must not record the image's and every later
+    image's expressions as failed lines: it stops with DeviceFailure, says what is kept, and the same
+    command continues from the lines written before it."""
+    from hybridgl.distributed import DeviceFailure, is_device_failure
+    from tiny_models import CUDA_ERROR, StickyCudaError, text_entry, vision_entry
+
+    root, images = refer_data
+    ds = load_refer(root, "refcoco", "val", coco_images=images)
+    model = make_model(clip_pair)
+    with StickyCudaError(vision_entry(model), after=10**9) as counting:  # image 1's calls (its 3 expressions)
+        runner.evaluate_model(model, ds.limited(3), tmp_path / "count", proposals_fn=gt_proposals, progress=False)
+    out = tmp_path / "run"
+    with StickyCudaError(vision_entry(model), after=counting.calls), pytest.raises(DeviceFailure) as failed:
+        runner.evaluate_model(model, ds, out, proposals_fn=gt_proposals, progress=False)
+    message = str(failed.value)
+    assert CUDA_ERROR in message and "image 2" in message and "run the same command again" in message
+    assert is_device_failure(failed.value) and CUDA_ERROR in str(failed.value.__cause__)
+    recs = lines(out / "predictions.jsonl")
+    assert [r["sent_id"] for r in recs] == [11, 12, 21] and not any(r["reason"] for r in recs)  # image 1, kept
+    assert not (out / "metrics.json").exists()
+    resumed = Counting(model)
+    metrics = runner.evaluate_model(resumed, ds, out, proposals_fn=gt_proposals, progress=False)
+    assert resumed.segmented == 1 and metrics["run"]["resumed_from"] == 3 and metrics["errors"] == 0
+    assert [r["sent_id"] for r in lines(out / "predictions.jsonl")] == minidata.VAL_SENT_IDS
+
+    # failing in segment (the text encoder): the first expression stops the run, no "error:" line written
+    out = tmp_path / "run-text"
+    with StickyCudaError(text_entry(model)), pytest.raises(DeviceFailure, match="sent_id 11"):
+        runner.evaluate_model(model, ds, out, proposals_fn=gt_proposals, progress=False)
+    assert lines(out / "predictions.jsonl") == []
+
+
+@pytest.mark.skipif(not _library_complete(), reason="hybridgl.weights / the rule parser are not written yet")
+def test_the_command_stops_on_a_device_failure_with_one_line_and_exit_2(tmp_path, capsys):
+    """`hybridgl evaluate` as a user runs it (in this process, so that the fault can be simulated: a
+    global forward pre-hook failing CLIP's encoders, whichever model the command loads)."""
+    import torch
+
+    from hybridgl import cli
+    from tiny_models import CUDA_ERROR, PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
+
+    root, images = minidata.make_refer(tmp_path / "data")
+    sets = [a for k, v in PERMISSIVE.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+    def broken_gpu(module, args):
+        if type(module).__name__ == "CLIPMLP":  # (the text encoder's, in segment)
+            raise RuntimeError(CUDA_ERROR)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(broken_gpu)
+    try:
+        rc = cli.main(["evaluate", "--dataset", "refcoco", "--split", "val", "--data-root", str(root),
+                       "--coco-images", str(images), "--no-progress", "--no-plots", "--out", str(tmp_path / "run"),
+                       "--clip", str(TINY_CLIP_DIR), "--sam", "tiny_models:build_tiny_sam", "--sam-checkpoint",
+                       str(save_tiny_sam(tmp_path / "tiny_sam.pth")), "--parser", "rules", "--device", "cpu", *sets])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: device failure on cpu at sent_id 11 (RuntimeError: " + CUDA_ERROR)
+    assert "run the same command again to continue" in err[-1] and "Traceback" not in "\n".join(err)
+    assert lines(tmp_path / "run" / "predictions.jsonl") == []  # no image recorded as failed
+
+
 def test_no_proposals_is_an_empty_prediction(clip_pair, refer_data, tmp_path):
     root, images = refer_data
     ds = load_refer(root, "refcoco", "val", coco_images=images)

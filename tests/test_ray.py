@@ -198,9 +198,51 @@ def test_actor_count_follows_the_cluster():
 
 
 def test_device_failures_end_the_actor_other_errors_stay_per_item():
-    assert distributed._is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert distributed._is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert not distributed._is_device_failure(ValueError("image is truncated"))
+    assert distributed.is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert distributed.is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert distributed.is_device_failure(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"))
+    assert distributed.is_device_failure(distributed.DeviceFailure("the GPU failed"))
+    try:  # raised from one: still one (a wrapper that names the device failure in its own words)
+        try:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+        except RuntimeError as exc:
+            raise KeyError("task 3") from exc
+    except KeyError as wrapped:
+        assert distributed.is_device_failure(wrapped)
+    assert not distributed.is_device_failure(ValueError("image is truncated"))
+    assert not distributed.is_device_failure(RuntimeError("shape mismatch"))
+
+
+def _eval_state(tmp_path: Path):
+    """A model actor's state for the evaluation's `_work` (tiny CLIP and SAM, no proposal cache), and
+    the mini dataset's first image with its pending expressions."""
+    from hybridgl.evaluation.datasets import load_refer
+    from tiny_models import tiny_hybridgl
+
+    root, images = minidata.make_refer(tmp_path / "data")
+    group = load_refer(root, "refcoco", "val", coco_images=images).groups[0]
+    return (tiny_hybridgl(sam=True), None), (group, [s.key for s in group.samples])
+
+
+def test_the_evaluation_work_raises_a_device_failure_instead_of_failing_the_image(tmp_path):
+    """`ray_runner._work` turns an image's or expression's error into its failed lines; a device failure
+    (a sticky CUDA error, simulated by a hook on the tiny CLIP) must reach `_Worker` instead, whose actor
+    then exits so that Ray retries the image on a fresh one: recorded as failed lines, it would fail
+    every later image the broken actor takes."""
+    from hybridgl.evaluation import ray_runner
+    from tiny_models import CUDA_ERROR, StickyCudaError, text_entry, vision_entry
+
+    state, item = _eval_state(tmp_path)
+    model, image = state[0], item[0].load_image()
+    ok = ray_runner._work(state, item, image)
+    assert ok["prepared"] == 1 and [r["reason"] for r in ok["lines"]] == [None] * 3
+    for entry in (vision_entry, text_entry):  # in prepare, in segment
+        with StickyCudaError(entry(model)), pytest.raises(RuntimeError, match=CUDA_ERROR):
+            ray_runner._work(state, item, image)
+    # an ordinary error is still the image's own: its lines say why
+    failed = ray_runner._work(state, item, FileNotFoundError("no such image"))
+    assert failed["prepared"] == 0 and len(failed["lines"]) == 3
+    assert all(r["reason"] == "error: FileNotFoundError: no such image" for r in failed["lines"])
 
 
 def _times_ten(model, item: int, loaded: int) -> int:
@@ -295,6 +337,40 @@ def test_a_cuda_error_replaces_the_actor_and_redoes_the_item(ray_address, tmp_pa
     assert len(results) == 6 and by_index[2].value == 20 and by_index[2].error is None  # ... and item 2 was redone
     assert by_index[4].error == "internal: ValueError: bad input"  # an ordinary error stays with its item
     assert {i: r.value for i, r in by_index.items() if i not in (2, 4)} == {0: 0, 1: 10, 3: 30, 5: 50}
+
+
+def _eval_model_on_a_gpu_that_fails_once(marker: str):
+    """A model actor's state (ray_runner._build's shape) whose device fails on its first image, once in the
+    cluster (the marker file): the hardware fault of StickyCudaError, on the tiny CLIP."""
+    from tiny_models import CUDA_ERROR, tiny_hybridgl, vision_entry
+
+    def fail_once(module, args):
+        if not os.path.exists(marker):
+            Path(marker).touch()
+            raise RuntimeError(CUDA_ERROR)
+
+    model = tiny_hybridgl(sam=True)
+    vision_entry(model).register_forward_pre_hook(fail_once)
+    return model, None
+
+
+def test_a_device_failure_in_the_evaluation_work_replaces_the_actor_and_redoes_the_image(ray_address, tmp_path):
+    from functools import partial
+
+    from hybridgl.evaluation import ray_runner
+    from hybridgl.evaluation.datasets import load_refer
+
+    root, images = minidata.make_refer(tmp_path / "data")
+    items = [(g, [s.key for s in g.samples]) for g in load_refer(root, "refcoco", "val", coco_images=images).groups]
+    marker = str(tmp_path / "failed-once")
+    options = distributed.RayOptions(actors=1, cpus_per_actor=0.5)
+    results = list(distributed.run_grouped(items, ray_runner._load, partial(_eval_model_on_a_gpu_that_fails_once,
+                                                                            marker), ray_runner._work, options))
+    assert os.path.exists(marker)  # the device failed, its actor exited ...
+    assert sorted(r.index for r in results) == [0, 1] and all(r.error is None for r in results)
+    lines = [line for r in results for line in r.value["lines"]]  # ... and its image was redone on a fresh one
+    assert sorted(line["sent_id"] for line in lines) == minidata.VAL_SENT_IDS
+    assert not any(line["reason"] for line in lines)
 
 
 def _unpicklable(model, item, loaded):

@@ -73,3 +73,41 @@ def tiny_hybridgl(sam: bool = True, parser: str = "rules", config=None, **overri
 
 # The tiny SAM's architecture as a builder (checkpoint=...) for `hybridgl.proposals.build_sam`.
 tiny_sam_builder = partial(build_tiny_sam)
+
+
+# The message of the sticky CUDA error a broken GPU gives (torch raises it as a RuntimeError).
+CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+class StickyCudaError:
+    """The simulated hardware fault, the only thing the device-failure tests fake: a forward pre-hook
+    on a module of the model (e.g. the tiny CLIP's `vision_model.embeddings.patch_embedding`) that
+    lets `after` calls through, then raises CUDA_ERROR on every later call, as a GPU does once a
+    sticky CUDA error broke the process's context. A context manager: the hook is removed at exit
+    (the tests share their models)."""
+
+    def __init__(self, module: torch.nn.Module, after: int = 0):
+        self.module, self.after, self.calls = module, after, 0
+        self.handle = None
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError(CUDA_ERROR)
+
+    def __enter__(self) -> "StickyCudaError":
+        self.handle = self.module.register_forward_pre_hook(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def vision_entry(model) -> torch.nn.Module:
+    """The first module of CLIP's image encoder (runs in every `prepare`)."""
+    return model.clip.vision_model.embeddings.patch_embedding
+
+
+def text_entry(model) -> torch.nn.Module:
+    """The first module of CLIP's text encoder (runs in every `segment` of an expression)."""
+    return model.clip.text_model.embeddings

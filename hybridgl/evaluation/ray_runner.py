@@ -53,7 +53,11 @@ def _failed_lines(group: ImageGroup, keys: list[str], reason: str) -> list[dict]
 
 
 def _work(state, item: tuple[ImageGroup, list[str]], image) -> dict:
-    """One image on a model actor: prepare once, segment each pending expression, its lines."""
+    """One image on a model actor: prepare once, segment each pending expression, its lines.
+
+    An exception becomes the failed lines of its image or expression, except a device failure
+    (`distributed.is_device_failure`: a sticky CUDA error), which is raised: every later image on
+    this actor would fail too, so the actor exits and Ray retries the image on a fresh one."""
     model, proposals_fn = state
     group, keys = item
     cache = (proposals_fn.hits, proposals_fn.misses) if proposals_fn is not None else (0, 0)
@@ -62,6 +66,8 @@ def _work(state, item: tuple[ImageGroup, list[str]], image) -> dict:
             raise image
         view = model.prepare(image, proposals=proposals_fn(group, image) if proposals_fn is not None else None)
     except Exception as exc:  # noqa: BLE001 - as the single-process run: the image's lines say why
+        if distributed.is_device_failure(exc):
+            raise
         log.error("image %s failed (%s: %s)", group.image_id, type(exc).__name__, exc)
         return {"lines": _failed_lines(group, keys, f"error: {type(exc).__name__}: {exc}"), "prepared": 0,
                 "cache": (0, 0)}
@@ -71,6 +77,8 @@ def _work(state, item: tuple[ImageGroup, list[str]], image) -> dict:
         try:
             seg = model.segment(view, sample.sentence) if sample.sentence.strip() else None
         except Exception as exc:  # noqa: BLE001
+            if distributed.is_device_failure(exc):
+                raise
             log.error("sent_id %s failed (%s: %s)", sample.sent_id, type(exc).__name__, exc)
             reason = f"error: {type(exc).__name__}: {exc}"
         lines.append(runner.make_record(sample, seg, view, group.ground_truth(sample.gt_key), reason=reason))

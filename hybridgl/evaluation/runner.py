@@ -12,6 +12,11 @@ Each image is prepared once (`model.prepare`) for all its pending expressions, w
 answered one by one (`model.segment`). A killed run leaves complete lines behind (a torn last
 line is cut off on restart); running the same command again skips every expression already
 in predictions.jsonl, so it continues where it stopped.
+
+An image or expression that fails gets its line with reason "error: ...", except on a device
+failure (`hybridgl.distributed.is_device_failure`: a sticky CUDA error, after which every later
+image of the process would fail too): the run stops with `DeviceFailure`, the lines written so far
+kept, and the same command, in a new process, continues from there.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..distributed import DeviceFailure, is_device_failure
 from ..prefetch import prefetch
 from . import calibration, masks as mask_utils
 from .datasets import EvalDataset, ImageGroup
@@ -298,6 +304,8 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
                 proposals = proposals_fn(group, image) if proposals_fn is not None else None
                 view = model.prepare(image, proposals=proposals)
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop a 10-hour run
+                if is_device_failure(exc):  # ... but a broken GPU would fail every later one
+                    raise _device_failure(exc, f"image {group.image_id}", info["device"], pred_path) from exc
                 failures.check(exc, len(pending))
                 log.error("image %s failed (%s: %s): its %d expressions count as empty predictions",
                           group.image_id, type(exc).__name__, exc, len(pending))
@@ -315,6 +323,8 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
                     seg = model.segment(view, sample.sentence) if sample.sentence.strip() else None
                     failures.ok()
                 except Exception as exc:  # noqa: BLE001
+                    if is_device_failure(exc):
+                        raise _device_failure(exc, f"sent_id {sample.sent_id}", info["device"], pred_path) from exc
                     failures.check(exc, 1)
                     log.error("sent_id %s failed (%s: %s): counted as an empty prediction",
                               sample.sent_id, type(exc).__name__, exc)
@@ -333,6 +343,15 @@ def evaluate_model(model, dataset: EvalDataset, out_dir: str | Path, *,
     cache = (proposals_fn.hits, proposals_fn.misses) if isinstance(proposals_fn, ProposalCache) else None
     run = run_stats(images_done, exprs_done, failures.count, already, elapsed, info["device"], cache)
     return finish_run(dataset, done, out_dir, info, run, good_iou=good_iou, targets=targets, plots=plots)
+
+
+def _device_failure(exc: BaseException, where: str, device: str, pred_path: Path) -> DeviceFailure:
+    """The error that stops a run whose device failed: what failed where, and how to go on."""
+    return DeviceFailure(
+        f"device failure on {device or 'the device'} at {where} ({type(exc).__name__}: {exc}): this process "
+        f"can no longer use the device, so the run stopped instead of failing every later image. The lines "
+        f"already in {pred_path} are kept (metrics.json was not updated); run the same command again to "
+        f"continue from there")
 
 
 def finish_run(dataset, done: dict[str, dict], out_dir: str | Path, info: dict, run: dict, good_iou: float,
