@@ -3,6 +3,14 @@
 `create_app()` loads the models once (from the environment) and returns a Flask app; production
 runs `gunicorn backend._wsgi:app` with one worker and threads, never --preload (CUDA does not
 survive fork). `app` is created on first access, so importing this module loads nothing.
+
+Device failure: after a sticky CUDA error every later CUDA call of the process fails, so the
+process must be replaced, not kept answering. The /predict that met it gets 503 with a JSON error
+(the GPU failed, the backend restarts); from then on /health answers 503 with status
+"DEVICE_FAILURE" and the reason, and /predict 503 at once. Once that first answer is sent, the app
+calls its `exit_process` (default: SIGTERM to its own pid): a gunicorn worker then exits gracefully
+and gunicorn starts a fresh one; `python -m backend` exits (draining the webhook backlog) and its
+supervisor (Docker's `restart: unless-stopped`) starts it again.
 """
 from __future__ import annotations
 
@@ -10,16 +18,18 @@ import functools
 import hmac
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import logsafe, quality
 from .admission import Admission, client_gone
-from .model import HybridGLBackend, SetupError
+from .model import DeviceFailure, HybridGLBackend, SetupError
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("backend")
@@ -74,8 +84,20 @@ def authorize(settings: Settings):
     return jsonify({"error": "authentication required"}), 401, {"WWW-Authenticate": 'Basic realm="hybridgl"'}
 
 
-def create_app(backend: HybridGLBackend | None = None, settings: Settings | None = None) -> Flask:
-    """The Flask app around one HybridGLBackend (loaded from the environment unless given)."""
+def terminate_self() -> None:
+    """The default `exit_process`: SIGTERM to this process, which ends it gracefully (a gunicorn worker
+    finishes its requests and exits, gunicorn starts a fresh one; `python -m backend` exits through
+    the interpreter's exit path, which drains the webhook backlog, and its supervisor restarts it)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(backend: HybridGLBackend | None = None, settings: Settings | None = None,
+               exit_process: Callable[[], None] | None = None) -> Flask:
+    """The Flask app around one HybridGLBackend (loaded from the environment unless given).
+
+    exit_process(): called once, after the answer to the request that met a device failure is sent,
+    to end this process so that its supervisor starts a fresh one (default `terminate_self`; kept in
+    app.config["exit_process"], where tests put a recorder)."""
     configure_logging()
     settings = settings or (backend.settings if backend else Settings.from_env())
     logsafe.REDACTOR.add(settings.label_studio_api_key, settings.basic_auth_pass, settings.webhook_secret,
@@ -90,7 +112,9 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
     app = Flask("hybridgl-backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.config["backend"] = backend
+    app.config["exit_process"] = exit_process or terminate_self
     admission = Admission(settings.max_queue)
+    exit_lock, exit_called = threading.Lock(), []  # exit_process is called once
     threads = os.environ.get("THREADS", "").strip()  # docker/start.sh's gunicorn threads
     if threads.isdigit() and int(threads) <= settings.max_queue:
         log.warning("THREADS=%s does not exceed HYBRIDGL_MAX_QUEUE=%d: /health can wait behind predicts",
@@ -112,11 +136,37 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
         log.exception("unexpected error on %s %s", request.method, request.path)
         return jsonify({"error": f"internal error: {exc.__class__.__name__}"}), 500
 
+    def device_unavailable():
+        """503: the device failed (backend.device_failure), the process is being replaced."""
+        return jsonify({"error": f"the GPU failed and this backend is restarting (a fresh process takes "
+                                 f"over); retry in a moment. {backend.device_failure}",
+                        "status": "DEVICE_FAILURE"}), 503, {"Retry-After": str(settings.retry_after)}
+
+    def end_process() -> None:
+        with exit_lock:
+            if exit_called:
+                return
+            exit_called.append(time.time())
+        log.critical("device failure: ending this process so that a fresh one takes over (%s)",
+                     backend.device_failure)
+        app.config["exit_process"]()
+
+    @app.errorhandler(DeviceFailure)
+    def device_failure(exc: DeviceFailure):  # predict_task's, on a sticky CUDA error
+        if backend.device_failure is None:
+            backend.device_failed(exc)
+        response = app.make_response(device_unavailable())
+        response.call_on_close(end_process)  # once the answer is sent (WSGI servers close every response)
+        return response
+
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_class": type(backend).__name__, "model_version": backend.model_version,
-                        "device": str(backend.model.device), "parser": backend.model.parser_name})
+        info = {"status": "UP", "model_class": type(backend).__name__, "model_version": backend.model_version,
+                "device": str(backend.model.device), "parser": backend.model.parser_name}
+        if backend.device_failure is not None:  # the process is ending: its supervisor starts a fresh one
+            return jsonify({**info, "status": "DEVICE_FAILURE", "reason": backend.device_failure}), 503
+        return jsonify(info)
 
     @app.post("/setup")
     def setup():
@@ -133,6 +183,9 @@ def create_app(backend: HybridGLBackend | None = None, settings: Settings | None
 
     @app.post("/predict")
     def predict():
+        if backend.device_failure is not None:  # nothing can run on this process's device any more
+            backend.counters.add("requests.predict_device_failure")
+            return device_unavailable()
         with admission.enter() as admitted:
             if not admitted:  # refused before reading the body: the threads stay free for /health
                 backend.counters.add("requests.predict_refused")

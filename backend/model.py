@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hybridgl import HybridGL
+from hybridgl.distributed import DeviceFailure, is_device_failure
 from hybridgl.pipeline import PreparedView, Segmentation
 
 from .images import ImageFetcher, LabelStudioConnection, decode_image
@@ -37,7 +38,8 @@ Cancelled = Callable[[], bool]
 # Failures of the task's own data (its image or its expression): recorded in Label Studio as an
 # empty prediction scored 0 (HybridGLBackend.failure_prediction). The other kinds (Label Studio
 # unreachable, a refused token, a bad config, too many tasks, an internal error) are not the task's
-# fault or are transient: no prediction is stored, so a later retrieval tries again.
+# fault or are transient: no prediction is stored, so a later retrieval tries again. A device
+# failure (a sticky CUDA error) is no task's outcome at all: predict_task raises DeviceFailure.
 TASK_FAILURES = frozenset({"missing_image", "bad_image", "fetch", "forbidden", "no_expression",
                            "bad_expression", "bad_task"})
 
@@ -143,7 +145,11 @@ class TaskOutcome:
 
 
 class HybridGLBackend:
-    """One per process: holds the loaded model, the prepared-image LRU and the GPU lock."""
+    """One per process: holds the loaded model, the prepared-image LRU and the GPU lock.
+
+    device_failure: None while the device works; once a task met a device failure (a sticky CUDA
+    error: every later CUDA call of this process fails too), why, and every later model pass raises
+    DeviceFailure at once. The process must then be replaced (the HTTP app ends it, see _wsgi)."""
 
     def __init__(self, model: HybridGL, settings: Settings | None = None):
         self.model = model
@@ -159,6 +165,7 @@ class HybridGLBackend:
         self._last_connection: LabelStudioConnection | None = None
         self._schemas: OrderedDict[str, str] = OrderedDict()  # labelling configs /setup sent, per project
         self.busy = 0
+        self.device_failure: str | None = None
         # the model's version (/health), the same whatever HYBRIDGL_ALTERNATIVES (the best mask does
         # not change with it); a config's best masks carry config_version(...) of it, the alternatives
         # alternative_version(...) of that
@@ -290,6 +297,12 @@ class HybridGLBackend:
     def predict_task(self, task: dict, interface: Interface, context: dict | None = None,
                      fetch: Fetch | None = None, alternatives: int | None = None,
                      cancelled: Cancelled | None = None) -> TaskOutcome:
+        """The task's outcome: its predictions, or its error (TaskError, or "internal" for a bug).
+
+        Raises DeviceFailure instead when the device failed (hybridgl.distributed.is_device_failure:
+        a sticky CUDA error), or had failed before (`device_failure`): not the task's failure, and
+        every later task of this process would fail too. The callers stop (a single-process run),
+        exit so that a fresh process takes over (a Ray model actor; the HTTP backend), never go on."""
         task_id = _task_id(task)
         started = time.time()
         outcome = TaskOutcome(task_id)
@@ -306,11 +319,31 @@ class HybridGLBackend:
             self.counters.add(f"errors.{exc.kind}")
             log.warning("task %s: %s: %s", task_id, exc.kind, exc)
         except Exception as exc:  # a bug or an unexpected input must not fail the batch
+            if is_device_failure(exc):  # ... but a broken GPU must stop it
+                failure = self.device_failed(exc, task_id)
+                if failure is exc:  # the model refused to run: the device had failed before
+                    raise
+                raise failure from exc
             outcome.error, outcome.predictions = TaskError("internal", f"internal error: {exc.__class__.__name__}"), []
             self.counters.add("errors.internal")
             log.exception("task %s: internal error", task_id)
         outcome.seconds = time.time() - started
         return outcome
+
+    def device_failed(self, exc: BaseException, task_id: Any = None) -> DeviceFailure:
+        """Records a device failure (`device_failure`: the first one's) and returns the DeviceFailure to
+        raise: `exc` itself when it is one, else a new one saying where the device failed."""
+        with self._state_lock:
+            first = self.device_failure is None
+            if first:
+                where = f" (task {task_id})" if task_id is not None else ""
+                self.device_failure = f"device failure on {self.model.device}{where}: {type(exc).__name__}: {exc}"
+        self.counters.add("errors.device")
+        if first:
+            log.critical("%s: this process can no longer run the model", self.device_failure)
+        if isinstance(exc, DeviceFailure):
+            return exc
+        return DeviceFailure(f"{self.device_failure}: this process can no longer run the model")
 
     def _predict_task(self, task: dict, interface: Interface, context: dict | None, fetch: Fetch,
                       alternatives: int | None, outcome: TaskOutcome, cancelled: Cancelled | None = None) -> None:
@@ -412,8 +445,11 @@ class HybridGLBackend:
 
     @contextlib.contextmanager
     def _model(self, cancelled: Cancelled | None = None):
-        """Hold the model (one pass at a time); a client that left while this waited gets nothing computed."""
+        """Hold the model (one pass at a time); a client that left while this waited gets nothing computed,
+        and nothing runs on a device that failed (DeviceFailure)."""
         with self._busy(), self.gpu_lock:
+            if self.device_failure is not None:
+                raise DeviceFailure(f"{self.device_failure}: this process can no longer run the model")
             if cancelled is not None and cancelled():
                 raise TaskError("client_gone", "the client closed the connection while the task waited for the model")
             yield

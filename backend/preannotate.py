@@ -19,7 +19,9 @@ seconds (default 300), then resumes; past that it stops with exit status 3 and r
 finishes the rest. With --ray too: tasks whose images the workers could not fetch while it was away
 are predicted again once it is back. With --ray, model actors that do not start within
 --ray-start-timeout (the cluster has no room for them) stop the run with exit status 2, the
-predictions made before that posted.
+predictions made before that posted. So does a device failure in this process (a sticky CUDA error,
+after which every later task would fail): the task it happened on is not marked failed but left,
+with the rest, for the rerun (with --ray the model actor exits instead and Ray redoes its image).
 
 Configuration is the backend's (the same environment variables: HYBRIDGL_*, DEVICE, MODEL_DIR,
 LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); --url/--api-key override the Label Studio ones.
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from hybridgl.distributed import RayUnavailable, add_ray_arguments, options_from_args
+from hybridgl.distributed import DeviceFailure, RayUnavailable, add_ray_arguments, options_from_args
 from hybridgl.prefetch import prefetch
 
 from . import logsafe
@@ -84,7 +86,7 @@ class Summary:
     prepared_images: int = 0  # SAM passes (distinct images computed)
     interrupted: bool = False
     gone: str = ""  # why the run stopped early: Label Studio did not come back within --retry-for
-    stopped: str = ""  # why the run stopped early: the model cannot run (--ray: its actors did not start)
+    stopped: str = ""  # why the run stopped early: the model cannot run (--ray actors did not start, GPU failed)
     seconds: float = 0.0
     model_version: str = ""
 
@@ -435,7 +437,9 @@ def run(backend, ls, project: int, batch: int = 50, limit: int | None = None, re
     except LabelStudioGone as exc:
         summary.gone = str(exc)
         summary.not_reached += len(todo) - processed + len(pending_rows)
-    except RayUnavailable as exc:  # --ray: the model actors did not start (RayStartTimeout) or got stuck (RayStalled)
+    except (RayUnavailable, DeviceFailure) as exc:
+        # --ray: the model actors did not start (RayStartTimeout) or got stuck (RayStalled); in this
+        # process: the GPU failed (a sticky CUDA error), so every later task would fail too
         summary.stopped = str(exc)
         try:
             flush()  # the predictions that came back are posted: the rerun does only the rest
@@ -644,7 +648,8 @@ def _whole(say: Callable[[str], Any]) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None, backend=None) -> int:
     """Exit status: 0 all done, 1 some tasks failed, 2 cannot run (with --ray also: the model actors
-    did not start within --ray-start-timeout, the predictions made before that posted), 3 Label
+    did not start within --ray-start-timeout; without: the GPU failed mid-run; the predictions made
+    before that posted), 3 Label
     Studio unreachable (for --retry-for seconds mid-run, or at the start): rerun later to finish,
     130 interrupted."""
     args = parse_args(argv)

@@ -733,3 +733,77 @@ def test_a_trickling_image_host_cannot_hold_a_request_past_the_fetch_timeout(mod
             stop.set()
         assert time.time() - t0 < 4, "the download ran past HYBRIDGL_FETCH_TIMEOUT"
         assert result["kind"] in ("fetch", "unreachable") and "HYBRIDGL_FETCH_TIMEOUT" in result["error"], result
+
+
+# -- device failure: a sticky CUDA error (simulated by a hook on the tiny CLIP, the only thing faked) --------
+
+def test_a_device_failure_is_raised_not_recorded_as_the_tasks_internal_error(model):
+    """After a sticky CUDA error every later CUDA call of the process fails: predict_task must raise
+    DeviceFailure (the callers stop or restart the process), not record an "internal" outcome and go on
+    failing every later task; and it refuses model work from then on. An ordinary error stays the task's."""
+    from hybridgl.distributed import DeviceFailure, is_device_failure
+    from tiny_models import CUDA_ERROR, StickyCudaError, vision_entry
+
+    def fetch(url, task_id):
+        return {"a": IMAGE_A, "b": IMAGE_B}[url]
+
+    interface = parse_config(CONFIG)
+    tasks = [{"id": 1, "data": {"image": "a", "text": "the cup"}},
+             {"id": 2, "data": {"image": "b", "text": "the chair"}}]
+
+    backend = HybridGLBackend(model, Settings(cache_images=0))
+    with StickyCudaError(vision_entry(model), after=0):
+        with pytest.raises(DeviceFailure, match=CUDA_ERROR) as failed:
+            backend.predict_tasks(tasks, interface, fetch=fetch)
+    assert is_device_failure(failed.value) and "task 1" in str(failed.value)
+    assert backend.device_failure.startswith("device failure on cpu (task 1): RuntimeError: " + CUDA_ERROR)
+    counts = backend.counters.snapshot()
+    assert counts["errors.device"] == 1 and "errors.internal" not in counts and "tasks.ok" not in counts
+    # the device is not asked again, even once it would answer: the process must be replaced
+    with StickyCudaError(vision_entry(model), after=10**9) as calls, pytest.raises(DeviceFailure):
+        backend.predict_task(tasks[1], interface, fetch=fetch)
+    assert calls.calls == 0
+
+    # an ordinary exception in the model is still the task's internal error; the batch goes on
+    class Bug(StickyCudaError):
+        def __call__(self, module, args):
+            raise ValueError("a bug in the model code")
+
+    backend = HybridGLBackend(model, Settings(cache_images=0))
+    with Bug(vision_entry(model)):
+        first, second = backend.predict_tasks(tasks, interface, fetch=fetch)
+    assert [o.error.kind for o in (first, second)] == ["internal", "internal"] and first.predictions == []
+    assert str(first.error) == "internal error: ValueError" and backend.device_failure is None
+    assert backend.predict_task(tasks[0], interface, fetch=fetch).ok  # and the backend keeps working
+
+
+def test_the_server_answers_503_on_a_device_failure_and_ends_its_process_once(model, ls):
+    """/predict that meets the device failure: 503 and a JSON error saying so; /health from then on 503
+    DEVICE_FAILURE with the reason (the container turns unhealthy), /predict 503 at once, nothing computed;
+    the process is ended once (its exit action, recorded here instead of SIGTERM to pytest) after the
+    first answer was sent, so that gunicorn or Docker starts a fresh one."""
+    from tiny_models import CUDA_ERROR, StickyCudaError, vision_entry
+
+    exits = []
+    backend = HybridGLBackend(model, Settings(label_studio_url=ls.url, label_studio_api_key=TOKEN, cache_images=0,
+                                              retry_after=3))
+    c = create_app(backend, exit_process=lambda: exits.append(time.time())).test_client()
+    assert c.get("/health").status_code == 200
+    body = {"tasks": [task(1), task(2, "b.png")], "label_config": CONFIG}
+    with StickyCudaError(vision_entry(model), after=0):
+        r = c.post("/predict", json=body, buffered=True)  # buffered: closed as a WSGI server closes it
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3"
+    error = r.get_json()
+    assert error["status"] == "DEVICE_FAILURE" and "the GPU failed" in error["error"] and CUDA_ERROR in error["error"]
+    assert "restarting" in error["error"] and len(exits) == 1
+    health = c.get("/health")
+    assert health.status_code == 503 and health.get_json()["status"] == "DEVICE_FAILURE"
+    assert health.get_json()["reason"].startswith("device failure on cpu (task 1): RuntimeError: " + CUDA_ERROR)
+    assert health.get_json()["model_version"] == backend.model_version
+    with StickyCudaError(vision_entry(model), after=10**9) as calls:  # a working device: still not asked
+        again = c.post("/predict", json=body, buffered=True)
+    assert again.status_code == 503 and again.get_json()["status"] == "DEVICE_FAILURE" and calls.calls == 0
+    assert len(exits) == 1  # ended once
+    counts = c.get("/metrics").get_json()["counts"]
+    assert counts["requests.predict_device_failure"] == 1 and "errors.internal" not in counts
+    assert c.post("/setup", json={}).status_code == 200  # the rest answers while the process ends

@@ -1,4 +1,5 @@
-"""`backend.preannotate.run` in process: a fake Label Studio SDK client and a fake backend (fast)."""
+"""`backend.preannotate.run` in process: a fake Label Studio SDK client and a fake backend (fast); the real
+backend on the tiny models where its device must fail."""
 from __future__ import annotations
 
 import io
@@ -525,3 +526,49 @@ def test_reading_what_was_stored_that_always_drops_stops_the_run_instead_of_spin
     s = run(backend, ls, batch=2, retry_for=60.0)
     assert s.gone and "predictions" in s.gone and len(reads) == preannotate.POST_ATTEMPTS, (s.gone, reads)
     assert ls.creates == [] and s.done == 0
+
+
+def test_a_device_failure_stops_the_run_with_its_summary_and_posts_what_was_predicted(monkeypatch, capsys):
+    """The real backend on the tiny models, whose GPU fails (a sticky CUDA error, simulated by a hook on
+    the tiny CLIP) on the second image: the run must not mark that task and every later one failed
+    (a rerun would skip nothing, but the report would blame the tasks): it stops as when the model cannot
+    run, with the predictions made before posted, the rest not reached, the summary and exit status 2."""
+    import label_studio_sdk
+
+    from backend.model import HybridGLBackend
+    from backend.settings import Settings
+    from test_backend import IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio
+    from tiny_models import CUDA_ERROR, StickyCudaError, tiny_hybridgl, vision_entry
+
+    model = tiny_hybridgl(sam=True)
+    files = FakeLabelStudio({"a.png": IMAGE_A, "b.png": IMAGE_B})
+    try:
+        project = [{"id": i, "data": {"image": f"/data/upload/1/{name}", "text": "the cup"}}
+                   for i, name in enumerate(["a.png", "a.png", "b.png", "b.png"], start=1)]
+        interface = parse_config(CONFIG)
+
+        def fetch(url, task_id):
+            return IMAGE_A if url.endswith("a.png") else IMAGE_B
+
+        counting = HybridGLBackend(model, Settings())
+        with StickyCudaError(vision_entry(model), after=10**9) as first_image:  # the device's work for a.png
+            assert all(counting.predict_task(t, interface, fetch=fetch).ok for t in project[:2])
+
+        ls = FakeLS(project)
+        monkeypatch.setattr(label_studio_sdk, "LabelStudio", lambda base_url, api_key: ls)
+        backend = HybridGLBackend(model, Settings())
+        with StickyCudaError(vision_entry(model), after=first_image.calls):
+            rc = preannotate.main(["--url", files.url, "--api-key", TOKEN, "--project", "1", "--no-progress",
+                                   "--json"], backend=backend)
+    finally:
+        files.close()
+    captured = capsys.readouterr()
+    assert rc == 2, captured
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert s["done"] == 2 and s["not_reached"] == 2 and s["failed"] == 0, s  # task 3 is not blamed
+    assert s["stopped"].startswith("device failure on cpu (task 3): RuntimeError: " + CUDA_ERROR)
+    assert [t for t in range(1, 5) if versions(ls, t)] == [1, 2]  # the batch predicted before it, posted
+    version = config_version(backend.model_version, interface)
+    assert all(versions(ls, t) == [version] for t in (1, 2))
+    assert ls.project.get("model_version") == version  # and the project made ready for them
+    assert f"error: device failure on cpu (task 3): RuntimeError: {CUDA_ERROR}" in captured.err
