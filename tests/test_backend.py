@@ -807,3 +807,22 @@ def test_the_server_answers_503_on_a_device_failure_and_ends_its_process_once(mo
     counts = c.get("/metrics").get_json()["counts"]
     assert counts["requests.predict_device_failure"] == 1 and "errors.internal" not in counts
     assert c.post("/setup", json={}).status_code == 200  # the rest answers while the process ends
+
+
+def test_the_ray_preannotate_work_lets_a_device_failure_reach_its_actor(model):
+    """`ray_preannotate._predict` runs predict_task on a Ray model actor: the DeviceFailure must leave it
+    (the actor's `_Worker` then exits, and Ray redoes the image on a fresh actor), not become the tasks'
+    failures."""
+    from backend import ray_preannotate
+    from hybridgl.distributed import DeviceFailure, is_device_failure
+    from tiny_models import StickyCudaError, vision_entry
+
+    interface = parse_config(CONFIG)
+    item = (interface, [{"id": 1, "data": {"image": "a", "text": "the cup"}},
+                        {"id": 2, "data": {"image": "a", "text": "the plate"}}], [])
+    backend = HybridGLBackend(model, Settings())
+    with StickyCudaError(vision_entry(model)), pytest.raises(DeviceFailure) as failed:
+        ray_preannotate._predict(backend, item, {"raw": IMAGE_A})
+    assert is_device_failure(failed.value)
+    done = ray_preannotate._predict(HybridGLBackend(model, Settings()), item, {"raw": IMAGE_A})
+    assert [o["error"] for o in done["outcomes"]] == [None, None] and done["prepared"] == 1

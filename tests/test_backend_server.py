@@ -1,5 +1,6 @@
 """The backend as production starts it: configuration from the environment, the model loader,
-`python -m backend` and gunicorn as real processes on 127.0.0.1 (tiny models)."""
+`python -m backend` and gunicorn as real processes on 127.0.0.1 (tiny models; where their GPU must
+fail, a torch hook the tiny SAM's builder registers does it)."""
 from __future__ import annotations
 
 import json
@@ -172,3 +173,62 @@ def test_a_bad_setting_stops_the_start_with_a_clear_message(tiny_env):
     out = subprocess.run([sys.executable, "-m", "backend", "--port", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, **tiny_env, "HYBRIDGL_ALTERNATIVES": "zero"})
     assert out.returncode == 2 and "HYBRIDGL_ALTERNATIVES='zero' is not an integer" in out.stderr
+
+
+def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict, dict]:
+    req = request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                          method="POST")
+    try:
+        with request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+@pytest.mark.parametrize("how", ["gunicorn", "python -m backend"])
+def test_a_device_failure_ends_the_process_and_a_fresh_one_serves(how, tiny_env, tmp_path):
+    """The process whose GPU failed (a sticky CUDA error, raised once by a hook on the tiny CLIP) answers
+    that /predict 503 and ends itself: gunicorn's worker exits and gunicorn starts a fresh one, which
+    serves; `python -m backend` exits with status 0, for its supervisor (Docker's restart policy) to
+    start it again."""
+    from test_backend import CONFIG, IMAGE_A
+    from tiny_models import CUDA_ERROR, GPU_FAILS_ONCE_MARKER
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(IMAGE_A)
+    env = {**tiny_env, "HYBRIDGL_SAM_MODEL": "tiny_models:tiny_sam_builder_on_a_gpu_that_fails_once",
+           GPU_FAILS_ONCE_MARKER: str(tmp_path / "gpu-failed"), "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path / "images"),
+           "MODEL_DIR": str(tmp_path / "model-dir"), "BASIC_AUTH_USER": "", "LOG_LEVEL": "WARNING"}
+    if how == "gunicorn":
+        args = ["sh", "-c", " ".join([str(Path(sys.executable).parent / "gunicorn"), "--bind", "127.0.0.1:$PORT",
+                                      "--workers", "1", "--threads", "4", "--timeout", "0", "backend._wsgi:app"])]
+    else:
+        args = [sys.executable, "-m", "backend", "--host", "127.0.0.1"]
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=a.png", "text": "the cup"}}],
+            "label_config": CONFIG}
+    proc, url, (status, health) = serve(args, env)
+    try:
+        assert status == 200 and health["status"] == "UP"
+        status, answer, headers = post(url + "/predict", body)
+        assert status == 503 and answer["status"] == "DEVICE_FAILURE" and CUDA_ERROR in answer["error"], answer
+        assert "Retry-After" in headers
+        if how == "python -m backend":
+            assert proc.wait(30) == 0  # ended itself (SIGTERM: the interpreter's exit path)
+            return
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the old worker's 503 DEVICE_FAILURE, then the new worker's UP
+            try:
+                status, health = get(url + "/health")
+                if status == 200:
+                    break
+            except error.HTTPError as exc:
+                assert exc.code == 503 and json.loads(exc.read())["status"] == "DEVICE_FAILURE"
+            except (error.URLError, ConnectionError, OSError):
+                pass
+            assert proc.poll() is None, "gunicorn itself exited"
+            time.sleep(0.3)
+        assert status == 200 and health["status"] == "UP", "no fresh worker answered in time"
+        status, answer, _ = post(url + "/predict", body)
+        assert status == 200 and "error" not in answer["results"][0], answer
+    finally:
+        stop(proc)

@@ -7,6 +7,7 @@ thresholds; `PERMISSIVE` lowers them so the real generator returns masks.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -111,3 +112,22 @@ def vision_entry(model) -> torch.nn.Module:
 def text_entry(model) -> torch.nn.Module:
     """The first module of CLIP's text encoder (runs in every `segment` of an expression)."""
     return model.clip.text_model.embeddings
+
+
+# A server process whose GPU fails once: its SAM builder (HYBRIDGL_SAM_MODEL=tiny_models:
+# tiny_sam_builder_on_a_gpu_that_fails_once) also hooks every CLIP text encoder of the process, so that
+# the first expression encoded while the file GPU_FAILS_ONCE_MARKER names does not exist yet (created
+# then) raises CUDA_ERROR: the process that met it must end, the next one (the marker exists) works.
+GPU_FAILS_ONCE_MARKER = "HYBRIDGL_TEST_GPU_FAILS_ONCE"
+
+
+def _fail_once(module, args):
+    marker = os.environ.get(GPU_FAILS_ONCE_MARKER)
+    if type(module).__name__ == "CLIPTextEmbeddings" and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(CUDA_ERROR)
+
+
+def tiny_sam_builder_on_a_gpu_that_fails_once(checkpoint: str | None = None) -> Sam:
+    torch.nn.modules.module.register_module_forward_pre_hook(_fail_once)
+    return build_tiny_sam(checkpoint)
