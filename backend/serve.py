@@ -100,7 +100,9 @@ class ModelReplica:
 
         from ._wsgi import create_app
 
-        self.app = create_app(settings=settings)
+        # a device failure ends this replica's process (Serve then starts a new replica): the app calls
+        # exit_process when _call_wsgi closes its 503, before the replica returns it, so the SIGTERM waits
+        self.app = create_app(settings=settings, exit_process=_terminate_soon)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wsgi")
         self.replica = serve.get_replica_context().replica_tag
         self.applied, self.setup_lock = 0, threading.Lock()  # the last /setup of the ingress's log replayed here
@@ -130,6 +132,16 @@ class ModelReplica:
             gone.set()
             raise
         return status, headers, body, self.replica
+
+
+def _terminate_soon(delay: float = 2.0) -> None:
+    """A model replica's `exit_process`: SIGTERM to its own process after `delay` seconds (Ray ends the
+    actor, Serve replaces the replica), so that the answer in hand still goes back to the ingress."""
+    from ._wsgi import terminate_self
+
+    timer = threading.Timer(delay, terminate_self)
+    timer.daemon = True
+    timer.start()
 
 
 def _front_app(settings: Settings, health: bytes) -> Flask:
