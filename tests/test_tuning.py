@@ -411,3 +411,24 @@ def test_a_fast_model_caches_the_exact_features(model):
     _, cached = CandidateCache(fast).image("3", lambda: img)
     np.testing.assert_array_equal(cached.masks, exact.masks)
     np.testing.assert_array_equal(cached.features, exact.features)
+
+
+def test_a_device_failure_stops_the_preparation_instead_of_leaving_out_every_later_image(model, tmp_path):
+    """A sticky CUDA error (simulated by a hook on the tiny CLIP) would fail every later image: they must
+    not be left out one by one (a tune on what is left), the preparation stops with DeviceFailure; the
+    images prepared before it stay in the cache, so the rerun prepares only the rest."""
+    from hybridgl.distributed import DeviceFailure
+    from tiny_models import CUDA_ERROR, StickyCudaError, vision_entry
+
+    empty = np.zeros((H, W), bool)
+    images = [TuneImage(i, lambda i=i: make_image(100 + i), [Sample(f"{i}-0", EXPRESSIONS[0], lambda: empty)])
+              for i in range(2)]
+    with StickyCudaError(vision_entry(model), after=10**9) as first:  # the device's work for the first image
+        prepare_items(model, images[:1], tmp_path / "count")
+    with StickyCudaError(vision_entry(model), after=first.calls), pytest.raises(DeviceFailure) as failed:
+        prepare_items(model, images, tmp_path / "cache")
+    message = str(failed.value)
+    assert f"at image 1 (RuntimeError: {CUDA_ERROR})" in message and "run the same command again" in message
+    items, problems, cache = prepare_items(model, images, tmp_path / "cache")
+    assert not problems and len(items) == 2
+    assert (cache.hits, cache.misses) == (2, 2)  # image 0 and its expression from the cache; image 1 now

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import HybridGLConfig
+from ..distributed import DeviceFailure, is_device_failure
 from ..evaluation import calibration as reliability
 from . import report, search, space
 from .candidates import CandidateCache
@@ -50,7 +51,9 @@ class TuneImage:
 
 def prepare_items(model, images: Sequence[TuneImage], cache_dir: str | Path | None = None,
                   progress: bool = False) -> tuple[list[search.Item], dict, CandidateCache]:
-    """Candidates and overlaps of every sample; an image or sample that fails is left out and counted."""
+    """Candidates and overlaps of every sample; an image or sample that fails is left out and counted,
+    except on a device failure (a sticky CUDA error: every later image would fail too), which stops
+    with DeviceFailure (the images prepared before it stay in the cache)."""
     cache = CandidateCache(model, cache_dir)
     items: list[search.Item] = []
     problems: dict[str, str] = {}
@@ -59,6 +62,8 @@ def prepare_items(model, images: Sequence[TuneImage], cache_dir: str | Path | No
         try:
             key, cand = cache.image(str(im.image_id), im.load)
         except Exception as exc:  # noqa: BLE001 - one unreadable image must not stop the tune
+            if is_device_failure(exc):  # ... but a broken GPU would leave out every later one
+                raise _device_failure(exc, f"image {im.image_id}", model, cache) from exc
             for s in im.samples:
                 problems[str(s.sample_id)] = f"image {im.image_id}: {type(exc).__name__}: {exc}"
             log.warning("image %s left out: %s", im.image_id, exc)
@@ -71,11 +76,21 @@ def prepare_items(model, images: Sequence[TuneImage], cache_dir: str | Path | No
                 expr = cache.expression(key, cand, s.expression)
                 items.append(search.Item(s.sample_id, im.image_id, cand, expr, inter, union, int(gt.sum())))
             except Exception as exc:  # noqa: BLE001
+                if is_device_failure(exc):
+                    raise _device_failure(exc, f"sample {s.sample_id}", model, cache) from exc
                 problems[str(s.sample_id)] = f"{type(exc).__name__}: {exc}"
                 log.warning("sample %s left out: %s", s.sample_id, exc)
             bar.update(1)
     bar.close()
     return items, problems, cache
+
+
+def _device_failure(exc: BaseException, where: str, model, cache: CandidateCache) -> DeviceFailure:
+    kept = (f"the images prepared before it are cached in {cache.dir}: run the same command again to continue"
+            if cache.dir is not None else "run it again")
+    return DeviceFailure(f"device failure on {getattr(model, 'device', 'the device')} at {where} "
+                         f"({type(exc).__name__}: {exc}): this process can no longer use the device, so the tune "
+                         f"stopped instead of leaving out every later image; {kept}")
 
 
 def reliability_progress(total: int, enabled: bool):
