@@ -98,8 +98,11 @@ class ModelReplica:
     def __init__(self, settings: Settings, threads: int):
         from ray import serve
 
+        from hybridgl.distributed import hide_unassigned_gpus
+
         from ._wsgi import create_app
 
+        hide_unassigned_gpus()  # a replica given no GPU loads the model on the CPU, not on GPU 0
         # a device failure ends this replica's process (Serve then starts a new replica): the app calls
         # exit_process when _call_wsgi closes its 503, before the replica returns it, so the SIGTERM waits
         self.app = create_app(settings=settings, exit_process=_terminate_soon)

@@ -294,10 +294,22 @@ class _Load:
         return {"index": row["index"], "item": row["item"], "loaded": pickle.dumps(loaded), "error": error or ""}
 
 
+def hide_unassigned_gpus() -> None:
+    """In a Ray actor given no GPU, CUDA sees none. Ray 2.60 stopped hiding the node's GPUs from such
+    actors (CUDA_VISIBLE_DEVICES is left as the node has it), so a model loaded with the default
+    device would go to GPU 0, outside Ray's accounting and beside the GPU actors. Call it before
+    anything initialises CUDA in the actor."""
+    import ray
+
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 class _Worker:
     """Ray Data stage 2 (one actor each): builds the model once, then `work` per item."""
 
     def __init__(self, factory: Callable[[], Any], work: Callable[[Any, Any, Any], Any]):
+        hide_unassigned_gpus()
         self.model, self.work, self.pid = factory(), work, os.getpid()
 
     def __call__(self, row: dict) -> dict:

@@ -550,3 +550,16 @@ def test_evaluate_refuses_ray_where_no_model_runs(scoring, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert status == 2 and f"--ray has no effect with {scoring[0]}" in err, err
     assert not (tmp_path / "scored").exists()
+
+
+def _visible_gpus(model, item: int, loaded: int):
+    return model
+
+
+def test_an_actor_given_no_gpu_sees_none(ray_address):
+    """Ray >= 2.60 leaves CUDA_VISIBLE_DEVICES as the node has it for an actor given no GPU, so the
+    model's default device would be GPU 0 outside Ray's accounting: our actors hide the GPUs."""
+    options = distributed.RayOptions(actors=1, cpus_per_actor=0.5)
+    results = list(distributed.run_grouped([1], _identity, lambda: os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                           _visible_gpus, options))
+    assert [(r.value, r.error) for r in results] == [("", None)]
