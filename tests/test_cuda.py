@@ -20,7 +20,7 @@ from hybridgl.proposals import MaskProposer
 
 from golden_cases import CASES, EXACT, TOLERANCES, load_case
 from test_proposals import SETTINGS
-from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, build_tiny_sam, tiny_clip
+from tiny_models import GOLDEN_DIR, PERMISSIVE, TINY_CLIP_DIR, build_sharp_sam, build_tiny_sam, tiny_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -29,13 +29,7 @@ CUDA = "cuda"
 
 @pytest.fixture(scope="module")
 def sharp_sam_cuda():
-    """test_proposals' sharp SAM (logits far from the threshold, so masks do not hang on rounding)."""
-    sam = build_tiny_sam()
-    with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(30)
-            mlp.layers[-1].bias.mul_(30)
-    return sam.to(CUDA)
+    return build_sharp_sam().to(CUDA)
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -15,7 +15,7 @@ from hybridgl import HybridGLConfig
 from hybridgl.pipeline import load_image
 from hybridgl.proposals import MaskProposer
 
-from tiny_models import GOLDEN_DIR, build_tiny_sam
+from tiny_models import GOLDEN_DIR, build_sharp_sam, build_tiny_sam
 
 SETTINGS = {
     "filters": dict(points_per_side=3, pred_iou_thresh=0.2, stability_score_thresh=0.002,
@@ -29,12 +29,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def sharp_sam():
-    sam = build_tiny_sam()
-    with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(30)
-            mlp.layers[-1].bias.mul_(30)
-    return sam
+    return build_sharp_sam()
 
 
 @pytest.fixture(scope="module")

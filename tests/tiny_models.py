@@ -45,6 +45,17 @@ def build_tiny_sam(checkpoint: str | None = None, seed: int = 0) -> Sam:
     return sam
 
 
+def build_sharp_sam() -> Sam:
+    """The tiny SAM with its hypernetworks' outputs scaled by 30: logits far from the mask threshold,
+    so its masks do not hang on the last bits of a computation (comparisons with segment-anything)."""
+    sam = build_tiny_sam()
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30)
+            mlp.layers[-1].bias.mul_(30)
+    return sam
+
+
 def save_tiny_sam(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.save(build_tiny_sam(seed=seed).state_dict(), path)
