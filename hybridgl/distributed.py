@@ -166,15 +166,18 @@ class Result:
     worker: int | None = None  # PID of the actor process that produced it
 
 
-DEVICE_FAILURE_SIGNS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA out of memory")
+# "CUDA out of memory" is not one: torch's OutOfMemoryError leaves the context usable (the allocator
+# frees what the failed pass held), so it stays the failure of the item that asked too much (its
+# message reads "CUDA out of memory. Tried to allocate ..."; a sticky error reads "CUDA error: ...")
+DEVICE_FAILURE_SIGNS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error")
 
 
 class DeviceFailure(RuntimeError):
     """The accelerator failed in a way that leaves this process unable to use it: after a sticky CUDA
-    error (an illegal memory access, a launch failure, CUBLAS_STATUS_..., a cuDNN error, CUDA out of
-    memory) every later CUDA call of the process fails too. Never the failure of one item (image,
-    expression, task): the process must stop taking work and be replaced by a fresh one. Raised
-    from the original error (`__cause__`)."""
+    error (an illegal memory access, a launch failure, CUBLAS_STATUS_..., a cuDNN error) every later
+    CUDA call of the process fails too (running out of memory is not one: the item's own error).
+    Never the failure of one item (image, expression, task): the process must stop taking work and
+    be replaced by a fresh one. Raised from the original error (`__cause__`)."""
 
 
 def is_device_failure(exc: BaseException) -> bool:
