@@ -16,6 +16,7 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from hybridgl import HybridGL, HybridGLConfig
 from hybridgl.pipeline import load_image
+from hybridgl.precision import ieee_float32
 from hybridgl.proposals import MaskProposer
 
 from golden_cases import CASES, EXACT, TOLERANCES, load_case
@@ -37,7 +38,8 @@ def test_our_generator_on_cuda_matches_segment_anythings(sharp_sam_cuda, name):
     """Crop layers, NMS, small-region removal: every step of the generator with tensors on the GPU."""
     image = load_image(GOLDEN_DIR / "p02_bird_above_tree" / "image.png")
     settings = SETTINGS[name]
-    reference = SamAutomaticMaskGenerator(sharp_sam_cuda, output_mode="binary_mask", **settings).generate(image)
+    with ieee_float32:  # segment-anything's own passes with the same float32 as ours (not torch's TF32 convs)
+        reference = SamAutomaticMaskGenerator(sharp_sam_cuda, output_mode="binary_mask", **settings).generate(image)
     ours = MaskProposer(sharp_sam_cuda, HybridGLConfig(**settings))(image)
     assert len(reference) > 0 and len(ours) == len(reference)
     for i, record in enumerate(reference):
