@@ -10,6 +10,7 @@ with is asked of a worker (`distributed.probe`), and every result must carry tha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -88,9 +89,10 @@ class RayBackend:
     predictions made on the Ray cluster (`predict_stream`)."""
 
     def __init__(self, settings: Settings, options: distributed.RayOptions):
-        self.settings, self.options = settings, options
+        device, options = distributed.for_actors(settings.device, options)
+        self.settings, self.options = dataclasses.replace(settings, device=device), options
         self.counters = Counters()
-        self.model_version = distributed.probe(functools.partial(_build, settings), _version, options)
+        self.model_version = distributed.probe(functools.partial(_build, self.settings), _version, options)
 
     def connections_for(self, project: Any = None) -> list[LabelStudioConnection]:
         return [LabelStudioConnection(self.settings.label_studio_url, self.settings.label_studio_api_key)]

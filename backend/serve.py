@@ -35,7 +35,7 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flask import Flask, Response
@@ -268,6 +268,13 @@ class ServeOptions:
                                       cpus_per_actor=self.cpus_per_replica).resources(cluster)
 
 
+def for_replicas(settings: Settings, options: ServeOptions) -> tuple[Settings, ServeOptions]:
+    """The settings and options the replicas run with: DEVICE as each replica sees its GPUs
+    (`distributed.for_actors`: an index of this machine's dropped, no GPU reserved on "cpu")."""
+    device, actor = distributed.for_actors(settings.device, distributed.RayOptions(gpus_per_actor=options.gpus_per_replica))
+    return replace(settings, device=device), replace(options, gpus_per_replica=actor.gpus_per_actor)
+
+
 def build_app(settings: Settings | None = None, options: ServeOptions = ServeOptions(),
               cluster: dict[str, float] | None = None):
     """The Serve application: the ingress bound to the model deployment (settings: the environment's)."""
@@ -275,6 +282,7 @@ def build_app(settings: Settings | None = None, options: ServeOptions = ServeOpt
 
     settings = settings or Settings.from_env()
     settings.hybridgl_config()  # a bad HYBRIDGL_CONFIG fails here, not in every replica
+    settings, options = for_replicas(settings, options)
     replicas, gpus, cpus = options.resources(cluster)
     threads = settings.max_queue + SIDE_THREADS
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -339,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         settings.hybridgl_config()
+        settings, options = for_replicas(settings, options)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import logging
@@ -306,6 +307,42 @@ def hide_unassigned_gpus() -> None:
 
     if ray.is_initialized() and not ray.get_gpu_ids():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def actor_device(device: str | None) -> str | None:
+    """The device to give the model actors for the driver's own (`--device`, DEVICE). Ray makes a
+    GPU actor's assigned GPUs the only ones it sees, numbered from cuda:0, so an index chosen on the
+    driver ("cuda:1", its second GPU) names no GPU in an actor given one (invalid device ordinal, every
+    actor failing to load) or another actor's: each actor uses the GPU Ray gave it."""
+    if device is None or not device.strip():
+        return device
+    import torch
+
+    try:
+        parsed = torch.device(device.strip())
+    except (RuntimeError, ValueError):
+        return device  # refused with its own message where the model loads
+    if parsed.type == "cuda" and parsed.index is not None:
+        if parsed.index != 0:
+            log.warning("device %s: on Ray each model actor uses the GPU Ray assigns it (its cuda:0), "
+                        "not GPU %d of this machine", device, parsed.index)
+        return "cuda"
+    return device
+
+
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether the model actors are told to run on the CPU: they then reserve no GPU by default."""
+    return bool(device) and device.strip().lower() == "cpu"
+
+
+def for_actors(device: str | None, options: RayOptions) -> tuple[str | None, RayOptions]:
+    """(device, options) for model actors built with the driver's device: its GPU index dropped
+    (`actor_device`), and on "cpu" no GPU reserved per actor unless asked (a reserved GPU would sit
+    idle, and the GPUs' count would cap the actors)."""
+    device = actor_device(device)
+    if runs_on_cpu(device) and options.gpus_per_actor is None:
+        options = dataclasses.replace(options, gpus_per_actor=0.0)
+    return device, options
 
 
 class _Worker:

@@ -197,6 +197,24 @@ def test_actor_count_follows_the_cluster():
         distributed.options_from_args(parser.parse_args(["--ray", "--ray-actors", "0"]))
 
 
+def test_the_actors_use_the_gpu_ray_assigns_them_whatever_index_the_driver_named(caplog):
+    """Ray makes an actor's GPUs its only visible ones, from cuda:0: the driver's "cuda:1" (DEVICE of a
+    server on a multi-GPU machine, reused for a --ray run) named no GPU there, and every actor failed."""
+    with caplog.at_level(logging.WARNING, logger="hybridgl.distributed"):
+        assert distributed.actor_device("cuda:1") == "cuda"
+    assert "cuda:1" in caplog.text and "assigns" in caplog.text
+    caplog.clear()
+    assert [distributed.actor_device(d) for d in ("cuda:0", "cuda", "cpu", None, "tpu9")] == \
+        ["cuda", "cuda", "cpu", None, "tpu9"]  # an unknown device is refused where the model loads
+    assert caplog.text == ""
+    gpus = {"CPU": 8.0, "GPU": 2.0}
+    # told "cpu", the actors reserve no GPU: before, one actor per GPU held it idle
+    assert distributed.for_actors("cpu", distributed.RayOptions())[1].resources(gpus) == (1, 0.0, 1.0)
+    assert distributed.for_actors("cpu", distributed.RayOptions(gpus_per_actor=0.5))[1].resources(gpus)[:2] == (4, 0.5)
+    assert distributed.for_actors("cuda:1", distributed.RayOptions()) == ("cuda", distributed.RayOptions())
+    assert distributed.for_actors(None, distributed.RayOptions()) == (None, distributed.RayOptions())
+
+
 def test_device_failures_end_the_actor_other_errors_stay_per_item():
     assert distributed.is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
     # out of memory leaves the device usable: the item that asked too much fails, the process goes on

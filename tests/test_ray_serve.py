@@ -29,7 +29,7 @@ from ray_local import driver_environment, ray, ray_address  # noqa: F401 (ray_ad
 
 from backend._wsgi import create_app
 from backend.labeling import config_version, parse_config
-from backend.serve import APP_NAME, INGRESS, MODEL, REPLICA_HEADER, ServeOptions, build_app
+from backend.serve import APP_NAME, INGRESS, MODEL, REPLICA_HEADER, ServeOptions, build_app, for_replicas
 from backend.settings import Settings
 from test_backend import CONFIG, IMAGE_A, IMAGE_B, TOKEN, FakeLabelStudio, task
 from tiny_models import PERMISSIVE, TINY_CLIP_DIR, save_tiny_sam
@@ -392,3 +392,13 @@ def test_a_setup_answered_by_one_replica_reaches_every_replica(url):
         assert len(seen) == 2
     finally:
         other.close()
+
+
+def test_the_replicas_use_the_gpu_ray_assigns_them_and_reserve_none_on_cpu():
+    """DEVICE=cuda:1 (this machine's second GPU) names no GPU in a replica given one (its cuda:0);
+    DEVICE=cpu reserves no GPU per replica unless asked."""
+    settings, options = for_replicas(Settings(device="cuda:1"), ServeOptions())
+    assert (settings.device, options) == ("cuda", ServeOptions())
+    settings, options = for_replicas(Settings(device="cpu"), ServeOptions())
+    assert (settings.device, options.resources({"CPU": 8.0, "GPU": 2.0})) == ("cpu", (1, 0.0, 1.0))
+    assert for_replicas(Settings(device="cpu"), ServeOptions(gpus_per_replica=1.0))[1].gpus_per_replica == 1.0

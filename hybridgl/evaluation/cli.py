@@ -186,7 +186,11 @@ def main(args: argparse.Namespace) -> int:
                        targets=targets, plots=plots)
     try:
         if ray_options is not None:  # the models load on the Ray workers
+            from hybridgl.distributed import for_actors
+
             from . import ray_runner
+
+            args.device, ray_options = for_actors(args.device, ray_options)
 
             metrics = ray_runner.evaluate_on_ray(args, dataset, out_dir, ray_options,
                                                  proposals_cache=args.proposals_cache, **run_options)
