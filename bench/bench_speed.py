@@ -310,8 +310,8 @@ def report(results: dict[str, dict]) -> None:
               f"{props}, same chosen mask as exact {same}/{n}")
         if "fast" in k.split("+"):
             dtype = results[k].get("low_precision")
-            print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (this CPU emulates "
-                  "bfloat16, slower than float32): the fast mode computed float32, the exact mode's work")
+            print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (this CPU has no AMX: "
+                  "bfloat16 is slower than float32): the fast mode computed float32, the exact mode's work")
             low = [im["low_rows"] for im in results[k]["images"]]
             print(f"  {k}: masks whose features stayed low precision after all expressions, per image: {low} "
                   f"of {f['masks']} (the others were made float32: probes' error too large, or near ties)")

@@ -90,8 +90,8 @@ class HybridGLConfig:
     alpha: float = 0.6
 
     # Speed, not the method: the fast mode computes hybrid features in low precision (float16 on a
-    # GPU, where SAM's encoder also runs under autocast: see sam_dtype; bfloat16 on a CPU with
-    # AVX512-BF16 or AMX; none on a CPU that emulates bfloat16; or `dtype`) and makes float32 the
+    # GPU, where SAM's encoder also runs under autocast: see sam_dtype; bfloat16 on a CPU with AMX;
+    # none on other CPUs, where bfloat16 is slower than float32; or `dtype`) and makes float32 the
     # features of any decision within that precision's measured error of a tie (hybridgl/fast.py).
     fast: bool = False
     fast_probes: int = 2  # masks per image computed in both precisions to measure the error

@@ -1,8 +1,8 @@
 """The fast mode: hybrid features in low precision, exact float32 wherever a decision is close.
 
 `prepare` runs the 2N-image hybrid-feature pass under autocast (`low_precision`: float16 on a
-GPU, bfloat16 on a CPU that computes it natively, or the config's `dtype`; none, float32 at once,
-on a CPU that emulates bfloat16) and measures its error on a few probe masks also computed in
+GPU, bfloat16 on a CPU with AMX, or the config's `dtype`; none, float32 at once, on a CPU where
+bfloat16 is slower than float32) and measures its error on a few probe masks also computed in
 float32 (where that error is as large as the distances between masks' features, low precision
 could decide nothing, and the features are computed in float32 straight away). `LowPrecision`
 keeps what is known: which rows are still low precision, the error bounds measured on the probes
@@ -37,22 +37,23 @@ from .hybrid_features import hybrid_feature_rows, hybrid_features
 from .precision import ieee_float32
 
 
-def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere torch emulates
-    it: CLIP ViT-B/16's hybrid-feature pass took 4.8x its float32 time in bfloat16 on an AVX2 EPYC."""
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+def fast_bfloat16() -> bool:
+    """Whether bfloat16 is faster than float32 on this CPU: only with AMX (2-3x for CLIP's
+    hybrid-feature pass on a Xeon with AMX). An AVX2 CPU emulates it (that pass took 4.8x its float32
+    time on an AVX2 EPYC), and AVX512-BF16's dot products alone are slower than float32 in torch's
+    kernels too (1.65x for that pass, 1.8x for a 2048x2048 matmul, on a Xeon without AMX, torch 2.14)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
 
 
 def low_precision(config: HybridGLConfig, device: torch.device) -> str | None:
     """The fast mode's autocast dtype: `config.dtype` where it names a low one (the user's choice),
-    else float16 on a GPU, bfloat16 on a CPU that computes it natively; None where no low precision
-    is faster than float32 (a CPU that emulates bfloat16): the features are then float32 at once."""
+    else float16 on a GPU, bfloat16 on a CPU with AMX; None where no low precision is faster than
+    float32 (a CPU without AMX, `fast_bfloat16`): the features are then float32 at once."""
     if config.dtype != "float32":
         return config.dtype
     if device.type == "cuda":
         return "float16"
-    if device.type == "cpu" and not native_bfloat16():
+    if device.type == "cpu" and not fast_bfloat16():
         return None
     return "bfloat16"
 

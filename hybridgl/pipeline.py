@@ -21,7 +21,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
-from .fast import FastHistory, LowPrecision, contested, low_precision, native_bfloat16, prepare_features
+from .fast import FastHistory, LowPrecision, contested, fast_bfloat16, low_precision, prepare_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -257,20 +257,18 @@ class HybridGL:
                  "yes" if self.sam is not None else "no, proposals must be given")
 
     def _check_precision(self) -> None:
-        """Say where a low precision asked for costs time instead of saving it: a CPU without
-        AVX512-BF16 or AMX emulates bfloat16 (several times slower than float32)."""
-        if self.device.type != "cpu" or native_bfloat16():
+        """Say where a low precision asked for costs time instead of saving it: on a CPU without AMX
+        bfloat16 is slower than float32 (`fast.fast_bfloat16`)."""
+        if self.device.type != "cpu" or fast_bfloat16():
             return
         if self.config.fast and low_precision(self.config, self.device) is None:
-            log.info("fast mode: this CPU emulates bfloat16 (no AVX512-BF16 or AMX), slower than float32, "
-                     "so hybrid features are computed in float32 (the exact mode's cost); dtype=\"bfloat16\" "
-                     "forces it")
+            log.info("fast mode: this CPU has no AMX, and bfloat16 is slower than float32 there, so hybrid "
+                     "features are computed in float32 (the exact mode's cost); dtype=\"bfloat16\" forces it")
         low = {"CLIP's hybrid features": self.config.dtype,
                "SAM's image encoder": self.proposer.sam_dtype(self.device) if self.proposer else "float32"}
         for what, dtype in low.items():
             if dtype == "bfloat16":
-                log.warning("%s in bfloat16: this CPU emulates it (no AVX512-BF16 or AMX), several times "
-                            "slower than float32", what)
+                log.warning("%s in bfloat16: this CPU has no AMX, and bfloat16 is slower than float32 there", what)
 
     @classmethod
     def from_pretrained(cls, clip: Any = "openai/clip-vit-base-patch16", sam: Any = "vit_h",
