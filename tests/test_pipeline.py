@@ -209,6 +209,28 @@ def test_guided_map_without_mass_is_uniform():
     assert torch.isfinite(G).all()
 
 
+def test_inside_outside_means_are_each_masks_float64_means():
+    """Every mask at once (chunks of masks: 20 of 512x512 take two), the same means as one mask at a
+    time in float64, with the empty mask's inside and the whole image's outside 0."""
+    from hybridgl.guidance import inside_outside_means
+
+    gen = torch.Generator().manual_seed(0)
+    guided = torch.rand(512, 512, generator=gen) * 3
+    masks = torch.rand(20, 512, 512, generator=gen) > torch.linspace(0.05, 0.95, 20)[:, None, None]
+    masks[3] = False
+    masks[7] = True
+    mean_in, mean_out = inside_outside_means(guided, masks)
+    assert mean_in.dtype == mean_out.dtype == torch.float64 and mean_in.shape == mean_out.shape == (20,)
+    g = guided.double()
+    want_in = [g[m].mean().item() if m.any() else 0.0 for m in masks]
+    want_out = [g[~m].mean().item() if (~m).any() else 0.0 for m in masks]
+    np.testing.assert_allclose(mean_in.numpy(), want_in, rtol=1e-12)
+    np.testing.assert_allclose(mean_out.numpy(), want_out, rtol=1e-12)
+    assert mean_in[3] == 0 and mean_out[7] == 0
+    empty = inside_outside_means(guided, masks[:0])
+    assert [t.shape for t in empty] == [(0,), (0,)]
+
+
 def test_tiny_sam_checkpoint_round_trip(tmp_path, image):
     path = save_tiny_sam(tmp_path / "tiny_sam.pth", seed=3)
     loaded = build_sam("tiny", path, builder=tiny_sam_builder)
