@@ -148,6 +148,9 @@ def worker(args) -> dict:
     batch = batch_share(model, args, sync) if args.batch else None
     out = {"images": images, "batch": batch, "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if cuda else None,
            "device": str(model.device), "threads": torch.get_num_threads()}
+    cache = getattr(model, "text_cache", None)  # commits before the text cache have none
+    if cache is not None:
+        out["text_cache"] = [cache.hits, cache.misses]
     if args.fast:  # this tree only: which low precision the fast mode took on this machine
         from hybridgl.fast import low_precision
 
@@ -281,6 +284,11 @@ def report(results: dict[str, dict]) -> None:
     print("(s/image: prepare, once per new image; s/expr: each expression after it, which in the fast mode "
           "includes making features float32 where a decision is close; s/image+exprs: both, per image)")
     for k, r in results.items():
+        if r.get("text_cache"):
+            hits, misses = r["text_cache"]
+            print(f"{k}: {hits} of {hits + misses} text encodings came from the model's text cache (the "
+                  "workload's noun phrases and GEM prompts recur, as a dataset's do; its expressions cycle "
+                  "over 6 sentences)")
         if r.get("batch"):
             b = r["batch"]
             print(f"{k}: batch of {sums[k]['n_images']} images with prefetch: model {b['model']:.1f} s of "

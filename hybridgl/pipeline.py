@@ -27,7 +27,7 @@ from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
 from .precision import ieee_float32
 from .proposals import MaskProposer, Proposals, build_sam
-from .text import encode_text, text_features
+from .text import TextCache, encode_text, text_features
 
 log = logging.getLogger("hybridgl")
 
@@ -251,6 +251,7 @@ class HybridGL:
         self.logit_scale = float(self.clip.logit_scale.detach().exp())
         self.fast_history = FastHistory(self.config.fast_patience)
         self.view_settings = self.config.view_settings()  # the config is frozen: once, not per expression
+        self.text_cache = TextCache()  # texts recur across expressions (noun phrases, GEM prompts)
         self._version: str | None = None
         self._check_precision()
         log.info("HybridGL ready on %s (parser: %s, SAM: %s)", self.device, self.parser_name,
@@ -454,7 +455,7 @@ class HybridGL:
     def _segment(self, view: PreparedView, parse: ParsedExpression) -> Segmentation:
         cfg, dev = self.config, self.device
         n = len(view)
-        text = text_features(self.clip, self.tokenizer, parse, cfg, dev)
+        text = text_features(self.clip, self.tokenizer, parse, cfg, dev, self.text_cache)
         explain: dict[str, np.ndarray] = {
             # a copy: on CPU .numpy() shares the view's tensor, whose rows the fast mode makes exact
             # in place for later expressions (an answer already given must not change)
@@ -489,7 +490,8 @@ class HybridGL:
         # Coherence map, position prior and the guidance score of every mask.
         size = view.size
         if cfg.use_coherence:  # this model's switch, whichever model prepared the view
-            gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev)
+            gem_text = encode_text(self.clip, self.tokenizer, cfg.gem_prompt.format(parse.noun_phrase), dev,
+                                   self.text_cache)
             A = coherence_map(view.coherence_tokens(self.clip, cfg, dev).to(dev), gem_text, size, cfg)
         else:
             A = torch.ones(size, device=dev)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 import logging
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import ftfy
@@ -32,15 +34,53 @@ def clip_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+class TextCache:
+    """Text features already computed by one model, by text and device; the least recently used
+    go first beyond `capacity`. Noun phrases, other nouns and GEM prompts recur across a dataset's
+    expressions ("man", "a photo of man"), and each costs a pass of CLIP's text tower, most of a
+    further expression's time. A hit is the same computation's result, bit for bit."""
+
+    def __init__(self, capacity: int = 2048):
+        self.capacity = capacity
+        self._features: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # a backend segments from several threads
+        self.hits = self.misses = 0
+
+    def get(self, text: str, device: torch.device | str) -> torch.Tensor | None:
+        key = (text, str(torch.device(device)))
+        with self._lock:
+            feature = self._features.get(key)
+            if feature is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._features.move_to_end(key)
+            return feature.clone()  # callers own what they get
+
+    def put(self, text: str, device: torch.device | str, feature: torch.Tensor) -> None:
+        with self._lock:
+            self._features[(text, str(torch.device(device)))] = feature.clone()
+            while len(self._features) > self.capacity:
+                self._features.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+
 @torch.no_grad()
 @ieee_float32
-def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One string -> its raw (unnormalised) CLIP text feature [D].
+def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | str = "cpu",
+                cache: TextCache | None = None) -> torch.Tensor:
+    """One string -> its raw (unnormalised) CLIP text feature [D] (from `cache` when it holds it).
 
     The text is cleaned as the reference's tokenizer cleans it (`clip_clean`). Text over CLIP's
     context length is truncated with a warning, never an error: the end-of-text
     token is kept, so the feature is that of the first tokens.
     """
+    if cache is not None:
+        feature = cache.get(text, device)
+        if feature is not None:
+            return feature
     limit = int(clip.text_model.config.max_position_embeddings)
     text = clip_clean(text)
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # its warning says "indexing
@@ -50,7 +90,10 @@ def encode_text(clip: nn.Module, tokenizer, text: str, device: torch.device | st
         ids = ids[: limit - 1] + [ids[-1]]
     input_ids = torch.tensor([ids], device=device)
     pooled = clip.text_model(input_ids=input_ids).pooler_output  # the EOT token after the final layernorm
-    return clip.text_projection(pooled)[0].float()
+    feature = clip.text_projection(pooled)[0].float()
+    if cache is not None:
+        cache.put(text, device, feature)
+    return feature
 
 
 @dataclass
@@ -64,12 +107,12 @@ class TextFeatures:
 
 
 def text_features(clip: nn.Module, tokenizer, parse: ParsedExpression, config: HybridGLConfig,
-                  device: torch.device | str = "cpu") -> TextFeatures:
-    sentence = encode_text(clip, tokenizer, parse.sentence, device)
-    noun_phrase = encode_text(clip, tokenizer, parse.noun_phrase, device)
+                  device: torch.device | str = "cpu", cache: TextCache | None = None) -> TextFeatures:
+    sentence = encode_text(clip, tokenizer, parse.sentence, device, cache)
+    noun_phrase = encode_text(clip, tokenizer, parse.noun_phrase, device, cache)
     mixed = config.sentence_weight * sentence + (1 - config.sentence_weight) * noun_phrase
     neg = None
     if parse.other_nouns:
-        neg = torch.stack([encode_text(clip, tokenizer, config.other_prompt + o, device)
+        neg = torch.stack([encode_text(clip, tokenizer, config.other_prompt + o, device, cache)
                            for o in parse.other_nouns]).mean(dim=0)
     return TextFeatures(sentence, noun_phrase, mixed, neg)

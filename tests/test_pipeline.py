@@ -231,6 +231,47 @@ def test_inside_outside_means_are_each_masks_float64_means():
     assert [t.shape for t in empty] == [(0,), (0,)]
 
 
+def test_text_features_come_from_the_models_cache_bit_for_bit(tiny_clip_pair):
+    """A text encoded once is not encoded again (noun phrases and GEM prompts recur), the cached
+    feature is the computed one, a caller cannot change it, and the least recently used goes first."""
+    from golden_cases import CASES, load_case
+
+    from hybridgl.text import TextCache, encode_text
+
+    clip, tokenizer = tiny_clip_pair
+    passes = []
+    hook = clip.text_model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        cache = TextCache(capacity=2)
+        first = encode_text(clip, tokenizer, "a photo of cup", "cpu", cache)
+        again = encode_text(clip, tokenizer, "a photo of cup", "cpu", cache)
+        assert len(passes) == 1 and torch.equal(first, again)
+        assert torch.equal(first, encode_text(clip, tokenizer, "a photo of cup", "cpu"))  # no cache: the same
+        again.zero_()
+        assert torch.equal(encode_text(clip, tokenizer, "a photo of cup", "cpu", cache), first)
+        encode_text(clip, tokenizer, "plate", "cpu", cache)
+        encode_text(clip, tokenizer, "ball", "cpu", cache)  # over capacity: "a photo of cup" goes
+        before = len(passes)
+        encode_text(clip, tokenizer, "ball", "cpu", cache)
+        encode_text(clip, tokenizer, "a photo of cup", "cpu", cache)
+        assert (len(passes) - before, len(cache)) == (1, 2)
+    finally:
+        hook.remove()
+
+    data, image, parse = load_case(CASES[0])
+    warm = HybridGL(clip, tokenizer, sam=None, parser="rules", device="cpu")
+    view = warm.prepare(image, proposals=data["masks"])
+    warm.segment(view, parse=parse)
+    misses = warm.text_cache.misses
+    cached = warm.segment(view, parse=parse)
+    assert warm.text_cache.misses == misses and warm.text_cache.hits >= 3  # sentence, noun phrase, GEM prompt
+    cold = HybridGL(clip, tokenizer, sam=None, parser="rules", device="cpu")
+    computed = cold.segment(cold.prepare(image, proposals=data["masks"]), parse=parse)
+    for key in ("S", "p", "G", "F"):
+        np.testing.assert_array_equal(cached.explain[key], computed.explain[key], err_msg=key)
+    assert cached.index == computed.index
+
+
 def test_tiny_sam_checkpoint_round_trip(tmp_path, image):
     path = save_tiny_sam(tmp_path / "tiny_sam.pth", seed=3)
     loaded = build_sam("tiny", path, builder=tiny_sam_builder)
