@@ -153,6 +153,16 @@ def test_a_second_tune_reads_every_candidate_from_the_cache(model, data):
     assert cache.misses == 0 and cache.hits == 2 * (1 + len(EXPRESSIONS))
 
 
+def test_a_cache_written_by_an_older_computation_is_not_read(model, data, monkeypatch):
+    """Cached means or features from code that computed them otherwise (in their last bits) would
+    re-score candidates differently from the pipeline: a new CACHE_FORMAT recomputes them."""
+    from hybridgl.tuning import candidates
+
+    monkeypatch.setattr(candidates, "CACHE_FORMAT", candidates.CACHE_FORMAT + "-next")
+    _, _, cache = prepare_items(model, tune_images(data)[:1], data["cache"])
+    assert cache.hits == 0 and cache.misses == 1 + len(EXPRESSIONS)
+
+
 def test_too_few_tasks_says_so_and_recommends_nothing(tuned, tmp_path):
     _, _, items = tuned
     few = [it for it in items if it.image_id in (0, 1, 2)]

@@ -39,6 +39,10 @@ log = logging.getLogger("hybridgl.tuning")
 
 # the position priors of guidance.position_prior, by the direction it is called with
 PRIORS = ("none", "left", "right", "middle", "up", "down")
+# Part of every cache key: raised whenever the computation of a cached quantity changes, even in its
+# last bits, so that a cache written by older code is recomputed, not mixed with the pipeline's
+# numbers (2: the guidance means as matrix products).
+CACHE_FORMAT = "2"
 
 
 def prior_kind(direction: str, use_position_prior: bool, vertical_prior: bool) -> str:
@@ -107,8 +111,9 @@ class CandidateCache:
         self.dir = Path(cache_dir) if cache_dir else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-        self.model_key = _hash(weights_fingerprint(model.clip), weights_fingerprint(getattr(model, "sam", None)),
-                               model.parser_name, self.config.fingerprint())
+        self.model_key = _hash(CACHE_FORMAT, weights_fingerprint(model.clip),
+                               weights_fingerprint(getattr(model, "sam", None)), model.parser_name,
+                               self.config.fingerprint())
         self.hits = self.misses = 0
         self._tokens: tuple[str, torch.Tensor | None] | None = None
 
