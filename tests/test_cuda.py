@@ -158,3 +158,22 @@ def test_thin_and_tiny_images_on_cuda(exact_cuda, shape):
     cpu = cpu_model.segment(cpu_model.prepare(image, proposals=masks), "the thing on the left")
     assert gpu.mask.shape == shape
     np.testing.assert_allclose(gpu.explain["gem_A"], cpu.explain["gem_A"], atol=1e-4)
+
+
+def test_the_guidance_means_and_the_text_cache_on_cuda(exact_cuda):
+    """The guidance score's chunked float64 products on the GPU give the CPU's means; a text feature
+    cached on the GPU is the one computed there."""
+    from hybridgl.guidance import inside_outside_means
+
+    gen = torch.Generator().manual_seed(0)
+    guided = torch.rand(300, 400, generator=gen)
+    masks = torch.rand(40, 300, 400, generator=gen) > torch.linspace(0.0, 1.0, 40)[:, None, None]
+    cpu = inside_outside_means(guided, masks)
+    gpu = inside_outside_means(guided.to(CUDA), masks.to(CUDA))
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_allclose(b.cpu().numpy(), a.numpy(), rtol=1e-12, atol=1e-15)
+    from hybridgl.text import encode_text
+
+    first = encode_text(exact_cuda.clip, exact_cuda.tokenizer, "a photo of bird", CUDA, exact_cuda.text_cache)
+    again = encode_text(exact_cuda.clip, exact_cuda.tokenizer, "a photo of bird", CUDA, exact_cuda.text_cache)
+    assert again.device.type == "cuda" and torch.equal(first, again)
