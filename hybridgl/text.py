@@ -63,6 +63,10 @@ class TextCache:
             while len(self._features) > self.capacity:
                 self._features.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._features.clear()
+
     def __len__(self) -> int:
         return len(self._features)
 

@@ -255,6 +255,9 @@ def test_text_features_come_from_the_models_cache_bit_for_bit(tiny_clip_pair):
         encode_text(clip, tokenizer, "ball", "cpu", cache)
         encode_text(clip, tokenizer, "a photo of cup", "cpu", cache)
         assert (len(passes) - before, len(cache)) == (1, 2)
+        cache.clear()
+        encode_text(clip, tokenizer, "ball", "cpu", cache)
+        assert (len(passes) - before, len(cache)) == (2, 1)
     finally:
         hook.remove()
 

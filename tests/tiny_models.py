@@ -121,7 +121,9 @@ def vision_entry(model) -> torch.nn.Module:
 
 
 def text_entry(model) -> torch.nn.Module:
-    """The first module of CLIP's text encoder (runs in every `segment` of an expression)."""
+    """The first module of CLIP's text encoder, after emptying the model's text cache: it runs in
+    `segment` for every text the cache does not hold yet (a text encoded before is served from it)."""
+    model.text_cache.clear()
     return model.clip.text_model.embeddings
 
 
