@@ -151,10 +151,8 @@ def worker(args) -> dict:
     cache = getattr(model, "text_cache", None)  # commits before the text cache have none
     if cache is not None:
         out["text_cache"] = [cache.hits, cache.misses]
-    if args.fast:  # this tree only: which low precision the fast mode took on this machine
-        from hybridgl.fast import low_precision
-
-        out["low_precision"] = low_precision(model.config, model.device)
+    if args.fast:  # which low precision the fast mode took on this machine
+        out["low_precision"] = getattr(model, "fast_dtype", None)
     return out
 
 
@@ -318,8 +316,8 @@ def report(results: dict[str, dict]) -> None:
               f"{props}, same chosen mask as exact {same}/{n}")
         if "fast" in k.split("+"):
             dtype = results[k].get("low_precision")
-            print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (this CPU has no AMX: "
-                  "bfloat16 is slower than float32): the fast mode computed float32, the exact mode's work")
+            print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (bfloat16 measured not "
+                  "faster than float32 on this CPU): the fast mode computed float32, the exact mode's work")
             low = [im["low_rows"] for im in results[k]["images"]]
             print(f"  {k}: masks whose features stayed low precision after all expressions, per image: {low} "
                   f"of {f['masks']} (the others were made float32: probes' error too large, or near ties)")

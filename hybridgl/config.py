@@ -33,7 +33,7 @@ class HybridGLConfig:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 800
     # SAM's image encoder compute dtype (speed, not the method): None = float32, or float16 on a
-    # GPU in the fast mode; "bfloat16" on a CPU with AMX makes SAM ~1.4x faster but moves mask
+    # GPU in the fast mode; "bfloat16" on a CPU where it is fast (AMX: SAM ~1.4x faster) moves mask
     # borders (and so may change proposals and choices): an explicit choice, never implied by `fast` on CPU.
     sam_dtype: str | None = None
     # Images larger than this (longest side, pixels) are downscaled for the model and the mask is
@@ -90,8 +90,8 @@ class HybridGLConfig:
     alpha: float = 0.6
 
     # Speed, not the method: the fast mode computes hybrid features in low precision (float16 on a
-    # GPU, where SAM's encoder also runs under autocast: see sam_dtype; bfloat16 on a CPU with AMX;
-    # none on other CPUs, where bfloat16 is slower than float32; or `dtype`) and makes float32 the
+    # GPU, where SAM's encoder also runs under autocast: see sam_dtype; bfloat16 on a CPU where it
+    # measured faster than float32 when the model loaded; none on other CPUs; or `dtype`) and makes float32 the
     # features of any decision within that precision's measured error of a tie (hybridgl/fast.py).
     fast: bool = False
     fast_probes: int = 2  # masks per image computed in both precisions to measure the error

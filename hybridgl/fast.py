@@ -1,8 +1,8 @@
 """The fast mode: hybrid features in low precision, exact float32 wherever a decision is close.
 
 `prepare` runs the 2N-image hybrid-feature pass under autocast (`low_precision`: float16 on a
-GPU, bfloat16 on a CPU with AMX, or the config's `dtype`; none, float32 at once, on a CPU where
-bfloat16 is slower than float32) and measures its error on a few probe masks also computed in
+GPU, bfloat16 on a CPU where it measured faster than float32, or the config's `dtype`; none,
+float32 at once, on a CPU where bfloat16 is not faster) and measures its error on a few probe masks also computed in
 float32 (where that error is as large as the distances between masks' features, low precision
 could decide nothing, and the features are computed in float32 straight away). `LowPrecision`
 keeps what is known: which rows are still low precision, the error bounds measured on the probes
@@ -37,23 +37,47 @@ from .hybrid_features import hybrid_feature_rows, hybrid_features
 from .precision import ieee_float32
 
 
-def fast_bfloat16() -> bool:
-    """Whether bfloat16 is faster than float32 on this CPU: only with AMX (2-3x for CLIP's
-    hybrid-feature pass on a Xeon with AMX). An AVX2 CPU emulates it (that pass took 4.8x its float32
-    time on an AVX2 EPYC), and AVX512-BF16's dot products alone are slower than float32 in torch's
-    kernels too (1.65x for that pass, 1.8x for a 2048x2048 matmul, on a Xeon without AMX, torch 2.14)."""
-    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+# bfloat16 is used on a CPU only where it measured at least this much faster than float32
+BFLOAT16_GAIN = 1.3
 
 
-def low_precision(config: HybridGLConfig, device: torch.device) -> str | None:
+@torch.no_grad()
+def bfloat16_speedup(repeats: int = 5) -> float:
+    """float32 time / bfloat16 autocast time of a linear layer shaped like one of CLIP ViT-B/16's
+    (a pass of 2 masks' 197 tokens, 768 -> 768) on this CPU: the best of `repeats` each, ~50 ms.
+
+    Measured, not read from the CPU's feature flags, because the flags do not predict it: with
+    AMX bfloat16 is 2-3x faster for CLIP's hybrid-feature pass; an AVX2 CPU emulates it (4.8x
+    slower, an AVX2 EPYC); AVX512-BF16 was 1.65x slower on a Xeon without AMX but 5x faster on
+    an AMD EPYC with AVX-512 (Zen 5, full-width bfloat16 dot products), torch 2.14.
+    """
+    import time
+
+    layer = nn.Linear(768, 768)
+    x = torch.randn(2 * 197, 768)
+    times = {}
+    for low in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            layer(x)  # the first call selects and caches the kernels
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                layer(x)
+                best = min(best, time.perf_counter() - start)
+        times[low] = best
+    return times[False] / max(times[True], 1e-9)
+
+
+def low_precision(config: HybridGLConfig, device: torch.device, cpu_speedup: float | None = None) -> str | None:
     """The fast mode's autocast dtype: `config.dtype` where it names a low one (the user's choice),
-    else float16 on a GPU, bfloat16 on a CPU with AMX; None where no low precision is faster than
-    float32 (a CPU without AMX, `fast_bfloat16`): the features are then float32 at once."""
+    else float16 on a GPU, bfloat16 on a CPU where it measured at least BFLOAT16_GAIN times faster
+    than float32 (`cpu_speedup`, from `bfloat16_speedup`); None where no low precision is faster:
+    the features are then float32 at once."""
     if config.dtype != "float32":
         return config.dtype
     if device.type == "cuda":
         return "float16"
-    if device.type == "cpu" and not fast_bfloat16():
+    if device.type == "cpu" and (cpu_speedup is None or cpu_speedup < BFLOAT16_GAIN):
         return None
     return "bfloat16"
 
@@ -174,8 +198,8 @@ class FastHistory:
 @torch.no_grad()
 @ieee_float32
 def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
-                  device: torch.device) -> tuple[torch.Tensor, LowPrecision | None]:
-    """Hybrid features [N,D] in low precision and what is known of their error (None: exact).
+                  device: torch.device, dtype: str | None) -> tuple[torch.Tensor, LowPrecision | None]:
+    """Hybrid features [N,D] in low precision `dtype` and what is known of their error (None: exact).
 
     The probes are computed in both precisions first. Where the low precision's error reaches
     half the largest distance between the probes' unit features, it cannot tell even those masks
@@ -186,7 +210,7 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
     their own, are not the exact mode's to the last bit and serve the measurement only.
     """
     n = len(masks)
-    dtype, config = low_precision(config, device), exact_config(config)
+    config = exact_config(config)
     if n <= config.fast_probes or dtype is None:  # nothing to gain: compute them exactly
         return hybrid_features(clip, image, masks, config, device), None
     low_config = config.replace(dtype=dtype)
@@ -207,13 +231,15 @@ def fast_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config:
 
 
 def prepare_features(clip: nn.Module, image: np.ndarray, masks: np.ndarray, config: HybridGLConfig,
-                     device: torch.device, history: FastHistory) -> tuple[torch.Tensor, LowPrecision | None]:
-    """The fast mode's hybrid features of one image: float32 at once where `history` says low
-    precision has not been paying off, else `fast_features` (an image whose probes alone show that
-    low precision cannot tell masks apart counts as wasted)."""
-    if history.skip_low_precision() or low_precision(config, device) is None:
+                     device: torch.device, history: FastHistory, dtype: str | None
+                     ) -> tuple[torch.Tensor, LowPrecision | None]:
+    """The fast mode's hybrid features of one image: float32 at once where no low precision is
+    faster (`dtype` None, see `low_precision`) or `history` says it has not been paying off, else
+    `fast_features` (an image whose probes alone show that low precision cannot tell masks apart
+    counts as wasted)."""
+    if dtype is None or history.skip_low_precision():
         return hybrid_features(clip, image, masks, exact_config(config), device), None
-    features, low = fast_features(clip, image, masks, config, device)
+    features, low = fast_features(clip, image, masks, config, device, dtype)
     if low is None and len(masks) > config.fast_probes:
         history.record(1.0)
     return features, low

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import calibration, guidance, scoring
 from .coherence import coherence_map, gem_tokens
-from .fast import FastHistory, LowPrecision, contested, fast_bfloat16, low_precision, prepare_features
+from .fast import BFLOAT16_GAIN, FastHistory, LowPrecision, bfloat16_speedup, contested, low_precision, prepare_features
 from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
@@ -253,23 +253,32 @@ class HybridGL:
         self.view_settings = self.config.view_settings()  # the config is frozen: once, not per expression
         self.text_cache = TextCache()  # texts recur across expressions (noun phrases, GEM prompts)
         self._version: str | None = None
-        self._check_precision()
+        self.fast_dtype = self._check_precision()
         log.info("HybridGL ready on %s (parser: %s, SAM: %s)", self.device, self.parser_name,
                  "yes" if self.sam is not None else "no, proposals must be given")
 
-    def _check_precision(self) -> None:
-        """Say where a low precision asked for costs time instead of saving it: on a CPU without AMX
-        bfloat16 is slower than float32 (`fast.fast_bfloat16`)."""
-        if self.device.type != "cpu" or fast_bfloat16():
-            return
-        if self.config.fast and low_precision(self.config, self.device) is None:
-            log.info("fast mode: this CPU has no AMX, and bfloat16 is slower than float32 there, so hybrid "
-                     "features are computed in float32 (the exact mode's cost); dtype=\"bfloat16\" forces it")
-        low = {"CLIP's hybrid features": self.config.dtype,
-               "SAM's image encoder": self.proposer.sam_dtype(self.device) if self.proposer else "float32"}
-        for what, dtype in low.items():
-            if dtype == "bfloat16":
-                log.warning("%s in bfloat16: this CPU has no AMX, and bfloat16 is slower than float32 there", what)
+    def _check_precision(self) -> str | None:
+        """The fast mode's low precision (`fast.low_precision`; None: float32 at once), measuring
+        bfloat16 against float32 on a CPU where that decides it, and saying where a low precision
+        asked for costs time instead of saving it."""
+        bfloat16_asked = "bfloat16" in (self.config.dtype, self.proposer.sam_dtype(self.device) if self.proposer else None)
+        if self.device.type != "cpu" or not (self.config.fast or bfloat16_asked):
+            return low_precision(self.config, self.device) if self.config.fast else None
+        speedup = bfloat16_speedup()
+        dtype = low_precision(self.config, self.device, speedup) if self.config.fast else None
+        slower = f"bfloat16 measured {speedup:.2f}x float32's speed on this CPU"
+        if self.config.fast and dtype is None:
+            log.info("fast mode: %s, so hybrid features are computed in float32 (the exact mode's cost); "
+                     "dtype=\"bfloat16\" forces it", slower)
+        elif self.config.fast:
+            log.info("fast mode: hybrid features in %s (bfloat16 measured %.2fx float32's speed)", dtype, speedup)
+        if speedup < BFLOAT16_GAIN:
+            low = {"CLIP's hybrid features": self.config.dtype,
+                   "SAM's image encoder": self.proposer.sam_dtype(self.device) if self.proposer else "float32"}
+            for what, asked in low.items():
+                if asked == "bfloat16":
+                    log.warning("%s in bfloat16: %s", what, slower)
+        return dtype
 
     @classmethod
     def from_pretrained(cls, clip: Any = "openai/clip-vit-base-patch16", sam: Any = "vit_h",
@@ -387,7 +396,8 @@ class HybridGL:
             props = Proposals.from_masks(proposals, h, w)
         low = None
         if self.config.fast:
-            features, low = prepare_features(self.clip, rgb, props.masks, self.config, self.device, self.fast_history)
+            features, low = prepare_features(self.clip, rgb, props.masks, self.config, self.device, self.fast_history,
+                                             self.fast_dtype)
         else:
             features = hybrid_features(self.clip, rgb, props.masks, self.config, self.device)
         tokens = gem_tokens(self.clip, rgb, self.config, self.device) if self.config.use_coherence else None
