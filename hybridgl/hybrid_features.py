@@ -232,15 +232,17 @@ def _passes(clip: nn.Module, image: np.ndarray, masks: np.ndarray | torch.Tensor
     blurred = torch.from_numpy(blur(image, config.blur_kernel)).to(device)
     resampler = Resampler(image.shape[0], image.shape[1], config.clip_input_size, device)
     out = []
-    for lo in starts:
-        batch = torch.as_tensor(masks[lo:lo + per_pass], device=device).bool()
-        local = local_inputs(image01, batch, config, resampler)
-        glob = global_inputs(sharp, blurred, batch, config, resampler)
-        w = token_masks(batch, grid)
-        if debug is not None:
-            for key, value in (("local_imgs", local), ("global_imgs", glob), ("soft_masks", w[:, 1:])):
-                debug.setdefault(key, []).append(value.cpu())
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    # one autocast region for all the passes: it casts CLIP's weights once, not once per pass
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for lo in starts:
+            with torch.autocast(device.type, enabled=False):  # the inputs are composed in float32
+                batch = torch.as_tensor(masks[lo:lo + per_pass], device=device).bool()
+                local = local_inputs(image01, batch, config, resampler)
+                glob = global_inputs(sharp, blurred, batch, config, resampler)
+                w = token_masks(batch, grid)
+            if debug is not None:
+                for key, value in (("local_imgs", local), ("global_imgs", glob), ("soft_masks", w[:, 1:])):
+                    debug.setdefault(key, []).append(value.cpu())
             out.append(fuse_branches(clip, local, glob, w, config).float())
     if debug is not None:
         for key in ("local_imgs", "global_imgs", "soft_masks"):

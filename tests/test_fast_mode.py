@@ -524,3 +524,20 @@ def test_a_bfloat16_asked_for_on_a_cpu_where_it_is_slower_is_warned_of(tiny_clip
     HybridGL(*tiny_clip_pair, sam=build_tiny_sam(), parser="rules", device="cpu",
              config=HybridGLConfig(dtype="bfloat16", sam_dtype="bfloat16"))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_the_low_precision_pass_composes_its_inputs_in_float32(tiny_clip_pair):
+    """The low-precision passes of one image share one autocast region (CLIP's weights are cast once
+    for all of them, not once per pass); the masked and blurred inputs and the token masks are still
+    composed in float32, the exact mode's bit for bit: only CLIP's layers change precision."""
+    clip, _ = tiny_clip_pair
+    data, image, _ = load_case(CASES[0])
+    image, masks = np.asarray(image), data["masks"]
+    assert len(masks) > 1  # several passes
+    exact_debug, low_debug = {}, {}
+    exact = hybrid_features(clip, image, masks, HybridGLConfig(feature_batch_size=1), debug=exact_debug)
+    low = hybrid_features(clip, image, masks, HybridGLConfig(feature_batch_size=1, dtype="bfloat16"), debug=low_debug)
+    for key in ("local_imgs", "global_imgs", "soft_masks"):
+        assert low_debug[key].dtype == np.float32
+        np.testing.assert_array_equal(low_debug[key], exact_debug[key], err_msg=key)
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)  # CLIP's layers did run in bfloat16
