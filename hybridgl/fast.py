@@ -48,8 +48,8 @@ def bfloat16_speedup(repeats: int = 5) -> float:
 
     Measured, not read from the CPU's feature flags, because the flags do not predict it: with
     AMX bfloat16 is 2-3x faster for CLIP's hybrid-feature pass; an AVX2 CPU emulates it (4.8x
-    slower, an AVX2 EPYC); AVX512-BF16 was 1.65x slower on a Xeon without AMX but 5x faster on
-    an AMD EPYC with AVX-512 (Zen 5, full-width bfloat16 dot products), torch 2.14.
+    slower, an AVX2 EPYC); AVX512-BF16 was 1.65x slower on a Xeon without AMX but 3.5-4x faster
+    (this layer; the hybrid-feature pass 2.85x) on an AMD EPYC with AVX-512 (Zen 5), torch 2.14.
     """
     import time
 

@@ -261,23 +261,22 @@ class HybridGL:
         """The fast mode's low precision (`fast.low_precision`; None: float32 at once), measuring
         bfloat16 against float32 on a CPU where that decides it, and saying where a low precision
         asked for costs time instead of saving it."""
-        bfloat16_asked = "bfloat16" in (self.config.dtype, self.proposer.sam_dtype(self.device) if self.proposer else None)
-        if self.device.type != "cpu" or not (self.config.fast or bfloat16_asked):
+        asked = {"CLIP's hybrid features": self.config.dtype,
+                 "SAM's image encoder": self.proposer.sam_dtype(self.device) if self.proposer else "float32"}
+        if self.device.type != "cpu" or not (self.config.fast or "bfloat16" in asked.values()):
             return low_precision(self.config, self.device) if self.config.fast else None
         speedup = bfloat16_speedup()
+        measured = f"bfloat16 measured {speedup:.2f}x float32's speed on this CPU"
         dtype = low_precision(self.config, self.device, speedup) if self.config.fast else None
-        slower = f"bfloat16 measured {speedup:.2f}x float32's speed on this CPU"
         if self.config.fast and dtype is None:
             log.info("fast mode: %s, so hybrid features are computed in float32 (the exact mode's cost); "
-                     "dtype=\"bfloat16\" forces it", slower)
+                     "dtype=\"bfloat16\" forces it", measured)
         elif self.config.fast:
-            log.info("fast mode: hybrid features in %s (bfloat16 measured %.2fx float32's speed)", dtype, speedup)
+            log.info("fast mode: hybrid features in %s (%s)", dtype, measured)
         if speedup < BFLOAT16_GAIN:
-            low = {"CLIP's hybrid features": self.config.dtype,
-                   "SAM's image encoder": self.proposer.sam_dtype(self.device) if self.proposer else "float32"}
-            for what, asked in low.items():
-                if asked == "bfloat16":
-                    log.warning("%s in bfloat16: %s", what, slower)
+            for what, dtype_asked in asked.items():
+                if dtype_asked == "bfloat16":
+                    log.warning("%s in bfloat16: %s", what, measured)
         return dtype
 
     @classmethod

@@ -464,7 +464,7 @@ def test_the_fast_mode_takes_bfloat16_only_on_a_cpu_where_it_measured_faster(tin
                                                                               speedup, native):
     """Whether bfloat16 is faster than float32 on a CPU is measured when the model loads: the CPU's
     feature flags do not tell (an AVX2 CPU emulates it, 4.8x slower; AVX512-BF16 was 1.65x slower
-    on a Xeon without AMX and 5x faster on a Zen 5 EPYC). Below BFLOAT16_GAIN the fast mode computes
+    on a Xeon without AMX and 3.5-4x faster on a Zen 5 EPYC). Below BFLOAT16_GAIN the fast mode computes
     float32 at once (the exact features, bit for bit) and says so; above it takes the low-precision
     path. The measurement, a property of the hardware, is all that is faked."""
     from hybridgl import pipeline
