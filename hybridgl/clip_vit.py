@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import QuickGELUActivation
 
+from .kernels import linear
+
 
 def vision_tower(clip: nn.Module) -> nn.Module:
     """`CLIPModel.vision_model` (the tower with embeddings, pre/post layernorm, encoder)."""
@@ -68,7 +70,7 @@ def qkv(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """Layer-normed tokens [B,L,C] -> q, k, v each [B,h,L,d] (unscaled)."""
     attn = layer.self_attn
     h = attn.num_heads
-    return split_heads(attn.q_proj(x), h), split_heads(attn.k_proj(x), h), split_heads(attn.v_proj(x), h)
+    return tuple(split_heads(linear(proj, x), h) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
 def attention(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +83,7 @@ def attention(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = 
     # softmax(q k^T * scale, blocked keys at -inf) v, fused: no [B,h,L,L] scores in memory
     allowed = None if blocked is None else ~blocked[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scale)
-    return attn.out_proj(merge_heads(out))
+    return linear(attn.out_proj, merge_heads(out))
 
 
 def mlp_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +91,9 @@ def mlp_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mlp = layer.mlp
     if not isinstance(mlp.activation_fn, QuickGELUActivation):
         return x + mlp(layer.layer_norm2(x))
-    hidden = mlp.fc1(layer.layer_norm2(x))
+    hidden = linear(mlp.fc1, layer.layer_norm2(x))
     hidden.mul_(torch.sigmoid(1.702 * hidden))  # QuickGELUActivation's formula, same rounding
-    return x + mlp.fc2(hidden)
+    return x + linear(mlp.fc2, hidden)
 
 
 def residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,14 +110,14 @@ def cls_residual_block(layer: nn.Module, x: torch.Tensor, blocked: torch.Tensor 
     """
     attn = layer.self_attn
     normed = layer.layer_norm1(x)
-    q = split_heads(attn.q_proj(normed[:, :1]), attn.num_heads)  # [B,h,1,d]
-    k, v = split_heads(attn.k_proj(normed), attn.num_heads), split_heads(attn.v_proj(normed), attn.num_heads)
+    q = split_heads(linear(attn.q_proj, normed[:, :1]), attn.num_heads)  # [B,h,1,d]
+    k, v = (split_heads(linear(proj, normed), attn.num_heads) for proj in (attn.k_proj, attn.v_proj))
     allowed = None if blocked is None else ~blocked[:, None, :1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scale)  # [B,h,1,d]
-    x = x[:, :1] + attn.out_proj(merge_heads(out))
+    x = x[:, :1] + linear(attn.out_proj, merge_heads(out))
     return mlp_residual(layer, x)
 
 
 def project_tokens(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Tokens [..., C] -> joint-space features [..., D]: post-layernorm then the visual projection."""
-    return clip.visual_projection(clip.vision_model.post_layernorm(x))
+    return linear(clip.visual_projection, clip.vision_model.post_layernorm(x))

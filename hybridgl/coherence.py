@@ -17,6 +17,7 @@ from torch import nn
 from . import clip_vit
 from .config import HybridGLConfig
 from .hybrid_features import image_tensor, normalize
+from .kernels import linear, matmul
 from .precision import ieee_float32
 
 
@@ -38,13 +39,13 @@ def self_self_attention(layer: nn.Module, x: torch.Tensor, iterations: int,
         inv_temp = temperature
 
     def attend(z: torch.Tensor) -> torch.Tensor:  # softmax of the scaled cosine self-similarity of unit rows
-        return (z @ z.transpose(-2, -1) * inv_temp).softmax(dim=-1)
+        return (matmul(z, z.transpose(-2, -1)) * inv_temp).softmax(dim=-1)
 
     streams = [F.normalize(z, dim=-1) for z in (v, k, q)]
     for _ in range(iterations):
-        streams = [F.normalize(attend(z) @ z, dim=-1) for z in streams]
-    out = sum(attend(z) @ v for z in streams) / 3
-    return attn.out_proj(clip_vit.merge_heads(out))
+        streams = [F.normalize(matmul(attend(z), z), dim=-1) for z in streams]
+    out = sum(matmul(attend(z), v) for z in streams) / 3
+    return linear(attn.out_proj, clip_vit.merge_heads(out))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import nn
 
+from .kernels import linear, matmul
 from .precision import ieee_float32
 
 # Scores per chunk of rows in `attention` (floats): a few MB on CPU, so a chunk stays in cache; a
@@ -44,8 +45,9 @@ def attention(attn: nn.Module, x: torch.Tensor, chunk: int | None = None) -> tor
     chunk = chunk or _per_device(SCORE_CHUNK, x.device)
     b, height, width, _ = x.shape
     heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = linear(attn.qkv, x).reshape(b, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, b * heads, height * width, -1).unbind(0)  # [B*h, HW, d]
+    k, v = k.contiguous(), v.contiguous()  # one batch is a view: oneDNN wants each matrix dense
     if attn.use_rel_pos:
         r_q = q.reshape(b * heads, height, width, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(height, height, attn.rel_pos_h))  # [B*h,H,W,H]
@@ -59,14 +61,19 @@ def attention(attn: nn.Module, x: torch.Tensor, chunk: int | None = None) -> tor
         g = slice(g0, g0 + group)
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
-            scores = q_scaled[g, r0 * width:r1 * width] @ k_t[g]  # [g, (r1-r0)*W, HW]
+            scores = matmul(q_scaled[g, r0 * width:r1 * width], k_t[g])  # [g, (r1-r0)*W, HW]
             if attn.use_rel_pos:
                 grid = scores.view(scores.shape[0], r1 - r0, width, height, width)
                 grid.add_(rel_h[g, r0:r1, :, :, None]).add_(rel_w[g, r0:r1, :, None, :])
             # no out=: under autocast softmax may return float32 and matmul must cast it back
-            out[g, r0 * width:r1 * width] = scores.softmax(dim=-1) @ v[g]
+            out[g, r0 * width:r1 * width] = matmul(scores.softmax(dim=-1), v[g])
     out = out.view(b, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(b, height, width, -1)
-    return attn.proj(out)
+    return linear(attn.proj, out)
+
+
+def mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's `MLPBlock.forward`: [..., C] -> [..., C]."""
+    return linear(block.lin2, block.act(linear(block.lin1, x)))
 
 
 def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -80,7 +87,7 @@ def encoder_block(block: nn.Module, x: torch.Tensor, chunk: int | None = None) -
     else:
         x = attention(block.attn, x, chunk)
     x = shortcut + x
-    return x + block.mlp(block.norm2(x))
+    return x + mlp(block.mlp, block.norm2(x))
 
 
 @ieee_float32
@@ -117,7 +124,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """
     q, k, v = _heads(attn, q), _heads(attn, k), _heads(attn, v)
     scores = (q @ k.permute(0, 1, 3, 2)) / (q.shape[-1] ** 0.5)
-    return attn.out_proj(_merge(torch.softmax(scores, dim=-1) @ v))
+    return linear(attn.out_proj, _merge(torch.softmax(scores, dim=-1) @ v))
 
 
 def _attend_few_keys(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -127,11 +134,11 @@ def _attend_few_keys(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
     numbers up to float rounding (decoding 64 prompts: 1.86 s -> 1.70 s on ViT-B, same masks)."""
     q, k, v = _heads(attn, q), _heads(attn, k), _heads(attn, v)
     scores = (k @ q.permute(0, 1, 3, 2)) / (q.shape[-1] ** 0.5)  # [B,h,Nk,Nq]
-    return attn.out_proj(_merge(torch.softmax(scores, dim=-2).transpose(-1, -2) @ v))
+    return linear(attn.out_proj, _merge(torch.softmax(scores, dim=-2).transpose(-1, -2) @ v))
 
 
 def _cross_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+    return _attend(attn, linear(attn.q_proj, q), linear(attn.k_proj, k), linear(attn.v_proj, v))
 
 
 def _two_way(transformer: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor, tokens: torch.Tensor
@@ -152,11 +159,13 @@ def _two_way(transformer: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor, t
         # while keys are still the shared image tokens (first layer), their projections are shared too
         k = keys + key_pe
         t2i = layer.cross_attn_token_to_image
-        queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe), t2i.k_proj(k), t2i.v_proj(keys)))
-        queries = layer.norm3(queries + layer.mlp(queries))
+        queries = layer.norm2(queries + _attend(t2i, linear(t2i.q_proj, queries + query_pe), linear(t2i.k_proj, k),
+                                                   linear(t2i.v_proj, keys)))
+        queries = layer.norm3(queries + mlp(layer.mlp, queries))
         i2t = layer.cross_attn_image_to_token
         q = queries + query_pe
-        keys = layer.norm4(keys + _attend_few_keys(i2t, i2t.q_proj(k), i2t.k_proj(q), i2t.v_proj(queries)))
+        keys = layer.norm4(keys + _attend_few_keys(i2t, linear(i2t.q_proj, k), linear(i2t.k_proj, q),
+                                                         linear(i2t.v_proj, queries)))
     q = queries + query_pe
     queries = queries + _cross_attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
     return transformer.norm_final_attn(queries), keys
@@ -192,7 +201,7 @@ def decode_masks(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, keep: 
         prompt_idx = kept.any(dim=1).nonzero()[:, 0]
         if len(prompt_idx):
             upscaled = decoder.output_upscaling(src[prompt_idx].transpose(1, 2).reshape(len(prompt_idx), c, h, w))
-            hyper = torch.stack([mlp(hs[prompt_idx, 1 + i, :]) for i, mlp in
+            hyper = torch.stack([head(hs[prompt_idx, 1 + i, :]) for i, head in
                                  enumerate(decoder.output_hypernetworks_mlps)], dim=1)[:, 1:]  # [p,3,c']
             b2, c2, h2, w2 = upscaled.shape
             masks = (hyper @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)  # [p,3,4h,4w]
