@@ -55,6 +55,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if not _dense(b3):
         b3 = b3.contiguous()
+    if a3.shape[0] == 1:  # one product: its result as it comes (no copy into a batch)
+        return _onednn_linear(a3[0], b3[0].transpose(0, 1), None).view(*lead, a.shape[-2], b.shape[-1])
     out = torch.empty(*lead, a.shape[-2], b.shape[-1], dtype=a.dtype).view(-1, a.shape[-2], b.shape[-1])
     for i in range(a3.shape[0]):  # oneDNN's "weight" is b transposed, [n, k]: a view, no copy
         out[i] = _onednn_linear(a3[i], b3[i].transpose(0, 1), None)
