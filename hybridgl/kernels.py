@@ -33,7 +33,8 @@ def _dense(m: torch.Tensor) -> bool:
     """Whether matrices [..., r, c] are laid out row- or column-major: oneDNN multiplies a weight
     of any other layout (rows of a wider tensor) with a reference kernel, hundreds of times slower."""
     r, c = m.shape[-2:]
-    return (m.stride(-1) == 1 and (m.stride(-2) == c or r == 1)) or (m.stride(-2) == 1 and (m.stride(-1) == r or c == 1))
+    row_major = m.stride(-1) == 1 and (m.stride(-2) == c or r == 1)
+    return row_major or (m.stride(-2) == 1 and (m.stride(-1) == r or c == 1))
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
