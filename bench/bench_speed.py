@@ -86,6 +86,7 @@ def worker(args) -> dict:
     import numpy as np
     import torch
 
+    import hybridgl
     from hybridgl import HybridGL, HybridGLConfig
     from hybridgl.coherence import gem_tokens
     from hybridgl.hybrid_features import hybrid_features
@@ -153,6 +154,13 @@ def worker(args) -> dict:
         out["text_cache"] = [cache.hits, cache.misses]
     if args.fast:  # which low precision the fast mode took on this machine
         out["low_precision"] = getattr(model, "fast_dtype", None)
+    # commits before hybridgl/kernels.py multiplied float32 with torch's kernels (MKL on x86); asked of
+    # the file, since an editable install would import this tree's module into an older package
+    out["float32_products"] = "torch's"
+    if (Path(hybridgl.__file__).parent / "kernels.py").exists():
+        from hybridgl import kernels
+        if kernels._ONEDNN and model.device.type == "cpu":
+            out["float32_products"] = "oneDNN"
     return out
 
 
@@ -281,6 +289,8 @@ def report(results: dict[str, dict]) -> None:
               f"{(s['prepare'] + s['segment']) / s['n_images']:15.2f}")
     print("(s/image: prepare, once per new image; s/expr: each expression after it, which in the fast mode "
           "includes making features float32 where a decision is close; s/image+exprs: both, per image)")
+    print("float32 products: " + ", ".join(f"{k} {r.get('float32_products', '?')}" for k, r in results.items())
+          + " (bench/bench_kernels.py compares them on this CPU)")
     for k, r in results.items():
         if r.get("text_cache"):
             hits, misses = r["text_cache"]
