@@ -43,7 +43,9 @@ SIDE_REQUEST_BYTES = 16 * 1024 * 1024
 def load_backend(settings: Settings | None = None) -> HybridGLBackend:
     """The models, loaded once per process from the settings (weights under MODEL_DIR)."""
     from hybridgl import HybridGL
+    from hybridgl.allocator import keep_freed_memory
 
+    keep_freed_memory()  # this process runs the method: freed tensors' memory kept for the next pass
     settings = settings or Settings.from_env()
     sam: Any = None if settings.sam_model.strip().lower() in ("none", "") else settings.sam_model
     try:

@@ -93,6 +93,15 @@ def worker(args) -> dict:
     from hybridgl.pipeline import PreparedView
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # as the programs of the variant's commit run (its CLI and backend keep freed memory since
+    # hybridgl/allocator.py); asked of the files: an editable install would import this tree's
+    # modules into an older package
+    here = Path(hybridgl.__file__).parent
+    kept = False
+    if (here / "allocator.py").exists():
+        from hybridgl.allocator import keep_freed_memory
+
+        kept = keep_freed_memory()
     overrides = {"random": RANDOM_SAM, "real": {}}.get(args.models)
     if args.models == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
@@ -154,10 +163,10 @@ def worker(args) -> dict:
         out["text_cache"] = [cache.hits, cache.misses]
     if args.fast:  # which low precision the fast mode took on this machine
         out["low_precision"] = getattr(model, "fast_dtype", None)
-    # commits before hybridgl/kernels.py multiplied float32 with torch's kernels (MKL on x86); asked of
-    # the file, since an editable install would import this tree's module into an older package
+    # commits before hybridgl/kernels.py multiplied float32 with torch's kernels (MKL on x86)
     out["float32_products"] = "torch's"
-    if (Path(hybridgl.__file__).parent / "kernels.py").exists():
+    out["freed_memory_kept"] = kept
+    if (here / "kernels.py").exists():
         from hybridgl import kernels
         if kernels._ONEDNN and model.device.type == "cpu":
             out["float32_products"] = "oneDNN"
@@ -290,7 +299,8 @@ def report(results: dict[str, dict]) -> None:
     print("(s/image: prepare, once per new image; s/expr: each expression after it, which in the fast mode "
           "includes making features float32 where a decision is close; s/image+exprs: both, per image)")
     print("float32 products: " + ", ".join(f"{k} {r.get('float32_products', '?')}" for k, r in results.items())
-          + " (bench/bench_kernels.py compares them on this CPU)")
+          + " (bench/bench_kernels.py compares them on this CPU); freed memory kept (glibc): "
+          + ", ".join(f"{k} {'yes' if r.get('freed_memory_kept') else 'no'}" for k, r in results.items()))
     for k, r in results.items():
         if r.get("text_cache"):
             hits, misses = r["text_cache"]

@@ -56,8 +56,10 @@ def build_config(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace, need_sam: bool = True):
+    from .allocator import keep_freed_memory
     from .pipeline import HybridGL
 
+    keep_freed_memory()  # this program runs the method: freed tensors' memory kept for the next pass
     sam = None if (args.sam or "").lower() in ("", "none") or not need_sam else args.sam
     return HybridGL.from_pretrained(clip=args.clip, sam=sam, sam_checkpoint=args.sam_checkpoint,
                                     parser=args.parser, device=args.device, config=build_config(args),
