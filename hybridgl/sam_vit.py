@@ -23,7 +23,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import nn
 
-from .kernels import linear, matmul
+from .kernels import linear, matmul, onednn
 from .precision import ieee_float32
 
 # Scores per chunk of rows in `attention` (floats): a few MB on CPU, so a chunk stays in cache; a
@@ -47,7 +47,8 @@ def attention(attn: nn.Module, x: torch.Tensor, chunk: int | None = None) -> tor
     heads = attn.num_heads
     qkv = linear(attn.qkv, x).reshape(b, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, b * heads, height * width, -1).unbind(0)  # [B*h, HW, d]
-    k, v = k.contiguous(), v.contiguous()  # one batch is a view: oneDNN wants each matrix dense
+    if onednn(k):  # for B = 1 the reshape is a view, each head's rows 3C apart: oneDNN wants them dense
+        k, v = k.contiguous(), v.contiguous()  # (copied once here, not once per chunk by `matmul`)
     if attn.use_rel_pos:
         r_q = q.reshape(b * heads, height, width, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(height, height, attn.rel_pos_h))  # [B*h,H,W,H]
@@ -159,8 +160,7 @@ def _two_way(transformer: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor, t
         # while keys are still the shared image tokens (first layer), their projections are shared too
         k = keys + key_pe
         t2i = layer.cross_attn_token_to_image
-        queries = layer.norm2(queries + _attend(t2i, linear(t2i.q_proj, queries + query_pe), linear(t2i.k_proj, k),
-                                                   linear(t2i.v_proj, keys)))
+        queries = layer.norm2(queries + _cross_attention(t2i, queries + query_pe, k, keys))
         queries = layer.norm3(queries + mlp(layer.mlp, queries))
         i2t = layer.cross_attn_image_to_token
         q = queries + query_pe
