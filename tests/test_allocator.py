@@ -18,19 +18,22 @@ from tiny_models import TINY_CLIP_DIR  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 
-# 6 times a 64 MB tensor filled and freed, as a pass's activations are: minor page faults of the last 3
-# (the heap settles in the first rounds)
+# A 64 MB tensor filled and freed 40 times, as a pass's activations are; minor page faults of the last 10
+# rounds. With the thresholds raised the heap grows for the first rounds (glibc's memalign asks for a
+# little more than a freed block holds, and small allocations made while the first blocks were alive sit
+# after them) and then serves every block again; how many rounds that takes depends on the heap's layout
+# (6 were not always enough), so the first 30 are left to it.
 FAULTS = """
 import json, resource, sys, torch
 from hybridgl import allocator
 changed = allocator.keep_freed_memory() if sys.argv[1] == "tune" else False
 faults = []
-for _ in range(6):
+for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(16 << 20)
     del t
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"changed": changed, "applied": allocator.applied(), "faults": sum(faults[3:])}))
+print(json.dumps({"changed": changed, "applied": allocator.applied(), "faults": sum(faults[30:])}))
 """
 
 
@@ -48,7 +51,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     plain = run(FAULTS, "plain")
     tuned = run(FAULTS, "tune")
     assert not plain["applied"] and tuned["changed"] and tuned["applied"]
-    assert plain["faults"] > 3 * 10_000  # each 64 MB block mapped afresh: ~16k pages each time
+    assert plain["faults"] > 10 * 10_000  # each 64 MB block mapped afresh: ~16k pages each time
     assert tuned["faults"] < plain["faults"] / 10
 
 
