@@ -6,7 +6,11 @@ batches of CLIP tokens). glibc serves blocks above its mmap threshold (128 KB, r
 the heap's free top above 128 KB: every pass then takes page faults on fresh, zeroed pages. On 2
 cores of an AMD EPYC that was ~2 million minor faults and 3-4 s of kernel time per new image (SAM
 ViT-B, 25 masks): raising both thresholds to 256 MB took `prepare` from 11.5 s to 9.9 s, for 5 %
-more resident memory (2.18 -> 2.29 GB).
+more resident memory (2.18 -> 2.29 GB). The heap grows for the first passes and then settles:
+glibc's memalign (torch's allocations) asks for slightly more than a freed block of the same size
+holds, so a block freed between live small allocations is reused only by smaller ones; over 40 new
+images of random sizes with 16 prepared images cached, resident memory moved within 2.19-2.41 GB
+(glibc as it is: 1.96-2.25 GB) with no upward trend (bench/bench_allocator.py).
 
 The settings are the process's, so the programs apply them when they load a model (`hybridgl`'s
 CLI, the backend; a Ray actor or replica loads through them), not the library: a program that
