@@ -18,6 +18,18 @@ for arg in "$@"; do
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
+# A fresh install is ~7 GB (torch's wheel brings its CUDA libraries): say so before pip runs out
+# of disk halfway with an OSError.
+if [ ! -x .venv/bin/python ]; then
+  need_mb=6800
+  [ "$e2e" = 1 ] && need_mb=$((need_mb + 1200))
+  [ "$ray" = 1 ] && need_mb=$((need_mb + 600))
+  free_mb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1024)}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "setup needs about $((need_mb / 1000)) GB free in $(pwd) for .venv; $free_mb MB are free" >&2
+    exit 1
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 reqs=(-r requirements.txt)
