@@ -163,6 +163,8 @@ def worker(args) -> dict:
         out["text_cache"] = [cache.hits, cache.misses]
     if args.fast:  # which low precision the fast mode took on this machine
         out["low_precision"] = getattr(model, "fast_dtype", None)
+    sam_dtype = getattr(model.proposer, "sam_dtype", None)  # commits before sam_dtype: float32
+    out["sam_dtype"] = sam_dtype(model.device) if sam_dtype else "float32"
     # commits before hybridgl/kernels.py multiplied float32 with torch's kernels (MKL on x86)
     out["float32_products"] = "torch's"
     out["freed_memory_kept"] = kept
@@ -338,6 +340,11 @@ def report(results: dict[str, dict]) -> None:
             dtype = results[k].get("low_precision")
             print(f"  {k}: low precision {dtype}" if dtype else f"  {k}: no low precision (bfloat16 measured not "
                   "faster than float32 on this CPU): the fast mode computed float32, the exact mode's work")
+            if results[k].get("sam_dtype") == "float32":
+                # Amdahl: the SAM pass costs the same in both modes, so it bounds the ratio
+                print(f"  {k}: SAM runs float32 in both modes here ({e['sam'] / e['prepare']:.0%} of the exact "
+                      f"prepare): even with free features and GEM, prepare could be at most "
+                      f"{e['prepare'] / e['sam']:.2f}x faster than exact")
             low = [im["low_rows"] for im in results[k]["images"]]
             print(f"  {k}: masks whose features stayed low precision after all expressions, per image: {low} "
                   f"of {f['masks']} (the others were made float32: probes' error too large, or near ties)")
