@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,15 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:g}"
 
 
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")  # Label Studio's tokens: hex (legacy) or base64url (JWT)
+
+
+def header_safe(token: str) -> bool:
+    """Whether an HTTP header can carry the token as it is: visible ASCII, no whitespace or control
+    characters (a newline would be refused by `requests`, a non-Latin-1 character fail to encode)."""
+    return bool(_HEADER_TOKEN.fullmatch(token))
+
+
 def _is_jwt(token: str) -> bool:
     parts = token.split(".")
     if len(parts) != 3:
@@ -84,6 +94,9 @@ class LabelStudioAuth:
     def header(self, host: str, token: str | None) -> dict[str, str]:
         if not token:
             return {}
+        if not header_safe(token):  # the token's problem, not the task's: nothing is recorded for it
+            raise TaskError("auth", "the Label Studio token holds whitespace, control or non-ASCII characters "
+                                    "that no HTTP header can carry: check LABEL_STUDIO_API_KEY or the one /setup sends")
         if not _is_jwt(token):
             return {"Authorization": f"Token {token}"}
         with self._lock:
@@ -126,7 +139,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise TaskError("bad_image", f"image refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise TaskError("bad_image", "the file is not an image Pillow can read") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, NotImplementedError) as exc:  # NotImplementedError: a
+        # format variant Pillow's plugin does not handle (a DDS pixel format), the file's problem too
         raise TaskError("bad_image", f"the image could not be decoded ({exc})") from exc
     if out.ndim != 3 or out.shape[2] != 3 or 0 in out.shape:
         raise TaskError("bad_image", f"the image decoded to an unusable shape {out.shape}")

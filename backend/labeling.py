@@ -115,9 +115,10 @@ def _percent(value: dict, key: str, scale: int) -> float:
         v = float(value[key])
     except (KeyError, TypeError, ValueError):
         raise TaskError("bad_context", f"an interactive region lacks a numeric '{key}'") from None
+    v = v / 100 * scale  # a finite percentage can still overflow here (1e308 % of the width)
     if v != v or abs(v) == float("inf"):
         raise TaskError("bad_context", f"an interactive region has a non-finite '{key}'")
-    return v / 100 * scale
+    return v
 
 
 def _textarea_text(region: dict, interface: Interface) -> str | None:

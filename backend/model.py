@@ -23,7 +23,7 @@ from hybridgl import HybridGL
 from hybridgl.distributed import DeviceFailure, is_device_failure
 from hybridgl.pipeline import PreparedView, Segmentation
 
-from .images import ImageFetcher, LabelStudioConnection, decode_image
+from .images import ImageFetcher, LabelStudioConnection, decode_image, header_safe
 from .outbound import ForbiddenTarget, parse_target
 from .labeling import Hints, Interface, TaskError, config_version, parse_config, read_context, task_expression
 from .settings import Settings
@@ -182,6 +182,9 @@ class HybridGLBackend:
         key = project_key(project)
         if isinstance(access_token, str) and len(access_token) > MAX_TOKEN_CHARS:
             raise SetupError(400, f"access_token longer than {MAX_TOKEN_CHARS} characters")
+        if isinstance(access_token, str) and access_token and not header_safe(access_token):
+            raise SetupError(400, "access_token holds whitespace, control or non-ASCII characters that no HTTP "
+                                  "header can carry")
         with self._state_lock:
             if hostname or access_token:
                 conn = self._setup_connection(hostname, access_token)
