@@ -74,6 +74,11 @@ RETRY_SECONDS = 5.0  # while Label Studio cannot be reached, the backlog is trie
 KEEP_UNREACHABLE_SECONDS = 7 * 24 * 3600.0  # ... for at most this long after an event arrived
 
 
+def sqlite_id(value: Any) -> bool:
+    """Whether a payload's id is one the store can hold: an integer (not a bool) in SQLite's 64-bit range."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 def project_of(payload: dict) -> Any:
     """The project a webhook names (Label Studio sends it as an object; older ones in the annotation)."""
     project = payload.get("project")
@@ -98,23 +103,37 @@ def _brush_regions(result: Any) -> list[dict]:
             and isinstance(r.get("value"), dict) and r["value"].get("rle")]
 
 
-def region_mask(region: dict) -> np.ndarray:
-    """One brush region (Label Studio RLE of RGBA) -> bool [H,W]."""
+def region_mask(region: dict, max_pixels: int | None = None) -> np.ndarray:
+    """One brush region (Label Studio RLE of RGBA) -> bool [H,W].
+
+    The RLE's header declares how many bytes it decodes to, and a few kilobytes of runs can declare
+    4 GiB: the declared length must be the region's H*W*4, and H*W at most `max_pixels`, before
+    anything is decoded (the annotation's RLE comes from the webhook's sender)."""
     from label_studio_sdk.converter.brush import decode_rle
 
     try:
         h, w = int(region["original_height"]), int(region["original_width"])
-        flat = decode_rle(region["value"]["rle"])
+        rle = region["value"]["rle"]
+        if h <= 0 or w <= 0 or (max_pixels is not None and h * w > max_pixels):
+            raise QualityError("bad_mask", f"a brush region of {w}x{h} pixels is refused (at most {max_pixels} pixels)")
+        declared = int.from_bytes(bytes(v & 0xFF for v in rle[:4]), "big")  # decode_rle's first 32 bits
+        if len(rle) < 4 or declared != h * w * 4:
+            raise QualityError("bad_mask", f"a brush region's RLE declares {declared} values, not the "
+                                           f"{h * w * 4} of its {w}x{h} pixels")
+        flat = decode_rle(rle)
         return np.asarray(flat).reshape(h, w, 4)[:, :, 3] > 0
+    except QualityError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any malformed region is the payload's problem
         raise QualityError("bad_mask", f"a brush region could not be decoded ({exc.__class__.__name__})") from exc
 
 
-def union_mask(regions: list[dict], size: tuple[int, int] | None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+def union_mask(regions: list[dict], size: tuple[int, int] | None,
+               max_pixels: int | None = None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
     """The union of brush regions (None, size when there are none)."""
     mask = None
     for region in regions:
-        m = region_mask(region)
+        m = region_mask(region, max_pixels)
         if size is not None and m.shape != size:
             raise QualityError("size_mismatch", f"brush masks of sizes {m.shape} and {size} cannot be compared")
         size = m.shape
@@ -122,12 +141,13 @@ def union_mask(regions: list[dict], size: tuple[int, int] | None) -> tuple[np.nd
     return mask, size
 
 
-def compare(annotation_result: Any, prediction_result: Any) -> dict[str, Any]:
+def compare(annotation_result: Any, prediction_result: Any, max_pixels: int | None = None) -> dict[str, Any]:
     """IoU of the annotator's mask with our prediction's.
 
     The annotator's mask is the union of the brush regions with our prediction's from_name and
     label (all brush regions when our prediction is empty). An annotation without such a region
     means "nothing there": IoU 0 against a non-empty prediction; two empty masks agree (IoU 1).
+    max_pixels: the most pixels a brush region may have (larger ones are refused undecoded).
     """
     ours = _brush_regions(prediction_result)
     theirs = _brush_regions(annotation_result)
@@ -136,8 +156,8 @@ def compare(annotation_result: Any, prediction_result: Any) -> dict[str, Any]:
         labels = {lab for r in ours for lab in (r["value"].get("brushlabels") or [])}
         theirs = [r for r in theirs if r.get("from_name") in names
                   and (not labels or set(r["value"].get("brushlabels") or []) & labels)]
-    predicted, size = union_mask(ours, None)
-    annotated, size = union_mask(theirs, size)
+    predicted, size = union_mask(ours, None, max_pixels)
+    annotated, size = union_mask(theirs, size, max_pixels)
     a = int(annotated.sum()) if annotated is not None else 0
     p = int(predicted.sum()) if predicted is not None else 0
     if annotated is not None and predicted is not None:
@@ -246,8 +266,10 @@ class QualityTracker:
     """Scores annotation webhooks on one background thread, from the store's persisted backlog;
     `process` does one synchronously."""
 
-    def __init__(self, store: QualityStore, model_version: str, predictions_of: Lookup, counters=None):
+    def __init__(self, store: QualityStore, model_version: str, predictions_of: Lookup, counters=None,
+                 max_pixels: int | None = 60_000_000):
         self.store = store
+        self.max_pixels = max_pixels  # of a brush mask (HYBRIDGL_MAX_IMAGE_PIXELS: ours are no larger)
         self.model_version = model_version
         self.predictions_of = predictions_of
         self.counters = counters
@@ -265,7 +287,7 @@ class QualityTracker:
         action = payload.get("action")
         if action == "ANNOTATIONS_DELETED":
             for item in payload.get("annotations") or []:
-                if isinstance(item, dict) and isinstance(item.get("id"), int):
+                if isinstance(item, dict) and sqlite_id(item.get("id")):
                     self.store.forget(item["id"])
             return False
         if action not in ACTIONS:
@@ -364,14 +386,14 @@ class QualityTracker:
 
     def _process(self, payload: dict, event_id: int | None) -> dict:
         annotation = payload.get("annotation")
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+        if not isinstance(annotation, dict) or not sqlite_id(annotation.get("id")):
             raise QualityError("bad_payload", "the webhook carries no annotation with an id")
         if annotation.get("was_cancelled"):
             self.store.forget(annotation["id"])
             raise QualityError("skipped_annotation", f"annotation {annotation['id']} was skipped by the annotator")
         task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
         task_id = task.get("id", annotation.get("task"))
-        if not isinstance(task_id, int):
+        if not sqlite_id(task_id):
             raise QualityError("bad_payload", "the webhook names no task")
         project = project_of(payload)
         from .model import is_our_version, labelling_config_of
@@ -388,9 +410,9 @@ class QualityTracker:
                                          self.model_version)
             ours = max((p for p in predictions if labelling_config_of(p["model_version"], self.model_version) == latest),
                        key=lambda p: (p.get("score") or 0.0, -(p.get("id") or 0)))
-        numbers = compare(annotation.get("result"), ours.get("result"))
+        numbers = compare(annotation.get("result"), ours.get("result"), self.max_pixels)
         score = ours.get("score")
-        self.store.record(annotation["id"], task_id, project if isinstance(project, int) else None,
+        self.store.record(annotation["id"], task_id, project if sqlite_id(project) else None,
                           self.model_version, ours.get("id"), float(score) if score is not None else None,
                           numbers, str(payload.get("action")), event_id)
         log.info("annotation %s of task %s: IoU %.3f with our prediction %s (score %s)", annotation["id"],
@@ -450,7 +472,8 @@ def tracker_for(backend) -> QualityTracker:
         tracker = getattr(backend, "_quality_tracker", None)
         if tracker is None:
             store = QualityStore(Path(backend.settings.model_dir) / DB_NAME)
-            tracker = QualityTracker(store, backend.model_version, label_studio_lookup(backend), backend.counters)
+            tracker = QualityTracker(store, backend.model_version, label_studio_lookup(backend), backend.counters,
+                                     max_pixels=backend.settings.max_image_pixels)
             backend._quality_tracker = tracker
         return tracker
 
