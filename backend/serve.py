@@ -52,6 +52,8 @@ MODEL, INGRESS = "HybridGLModel", "HybridGLIngress"
 REPLICA_HEADER = "X-HybridGL-Replica"  # which model replica answered (logs, tests)
 SIDE_THREADS = 4  # per replica, beyond HYBRIDGL_MAX_QUEUE: /metrics, /setup, /webhook never wait for predicts
 MAX_SETUPS = 1000  # projects whose last /setup every replica replays (the oldest are dropped past it)
+MAX_SETUP_BYTES = 64 << 20  # ... and the bytes of their bodies together (each change puts the whole log)
+SETUP_FIELDS = ("hostname", "access_token", "project", "schema")  # what the backend's /setup reads
 INGRESS_LIMIT = 256  # requests in the ingress at once (it only awaits); past that many more, the proxy says 503
 # read by the weights loader and logging in the replica's own process (not part of Settings)
 FORWARDED_ENV = ("MODEL_DIR", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HYBRIDGL_OFFLINE", "HYBRIDGL_SAM_SHA256",
@@ -215,9 +217,14 @@ class Ingress:
 
     def _remember_setup(self, setup: WsgiRequest) -> None:
         try:
-            project = json.loads(setup.body).get("project")
-        except (ValueError, AttributeError):
-            project = None
+            payload = json.loads(setup.body)
+        except (ValueError, RecursionError):
+            payload = None
+        payload = payload if isinstance(payload, dict) else {}
+        project = payload.get("project")
+        # only what the backend reads is replayed: any other field (padding) would be kept and copied
+        # into the object store with every later /setup
+        setup = replace(setup, body=json.dumps({k: payload[k] for k in SETUP_FIELDS if k in payload}).encode())
         import ray
 
         from .model import project_key
@@ -226,8 +233,9 @@ class Ingress:
         self.setup_seq += 1
         self.setups.pop(key, None)
         self.setups[key] = (self.setup_seq, setup)  # the log stays in replay order
-        while len(self.setups) > MAX_SETUPS:
-            self.setups.popitem(last=False)
+        size = sum(len(request.body) for _, request in self.setups.values())
+        while len(self.setups) > MAX_SETUPS or (len(self.setups) > 1 and size > MAX_SETUP_BYTES):
+            size -= len(self.setups.popitem(last=False)[1][1].body)
         self.setup_log = [ray.put(list(self.setups.values()))]
 
 

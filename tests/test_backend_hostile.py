@@ -120,3 +120,37 @@ def test_a_brush_rle_cannot_make_the_webhook_worker_allocate_what_its_size_does_
     assert e.value.kind == "bad_mask" and "pixels" in str(e.value)
     # an honest mask still decodes
     assert region_mask(region(box(0, 4, 0, 10)), max_pixels=60_000_000).sum() == 40
+
+
+def test_the_ray_ingress_keeps_of_a_setup_only_what_the_backend_reads(monkeypatch):
+    """The ingress replays every project's last successful /setup to replicas that missed it. It kept
+    the whole body: 1000 projects x 16 MB of padding (any field) were 16 GB in the ingress, and every
+    /setup put all of them into the object store again."""
+    import json
+    from collections import OrderedDict
+
+    import ray
+
+    from backend import serve
+
+    puts = []
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(value) or value)
+    ingress = object.__new__(serve.Ingress)  # no replica behind it: only its /setup log is exercised
+    ingress.setups, ingress.setup_seq, ingress.setup_log = OrderedDict(), 0, []
+    padding = "x" * (4 << 20)
+    for i in range(4):
+        setup = {"project": f"{i}.1", "hostname": "http://ls:8080", "access_token": "token-0123", "schema": CONFIG}
+        ingress._remember_setup(serve.WsgiRequest("POST", "/setup", body=json.dumps({**setup, "padding": padding}).encode(),
+                                                  headers=[("Content-Type", "application/json")]))
+    kept = [request for _, request in ingress.setups.values()]
+    assert sum(len(r.body) for r in kept) < 64 << 10, "the padding was kept"
+    # what a replica replays is the same /setup as far as the backend can tell
+    assert json.loads(kept[-1].body) == {"project": "3.1", "hostname": "http://ls:8080", "access_token": "token-0123",
+                                         "schema": CONFIG}
+    # ... and the log the replicas read is bounded in bytes, not only in projects (a 4 MB schema is
+    # longer than the backend keeps, yet Label Studio may send one)
+    for i in range(4, 40):
+        ingress._remember_setup(serve.WsgiRequest("POST", "/setup", body=json.dumps(
+            {"project": f"{i}.1", "schema": padding}).encode(), headers=[("Content-Type", "application/json")]))
+    assert sum(len(r.body) for _, r in ingress.setups.values()) <= serve.MAX_SETUP_BYTES
+    assert list(ingress.setups)[-1] == "39"  # the latest is kept
