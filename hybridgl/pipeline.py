@@ -26,7 +26,7 @@ from .config import HybridGLConfig
 from .hybrid_features import hybrid_features
 from .parsing import ParsedExpression
 from .precision import ieee_float32
-from .proposals import MaskProposer, Proposals, build_sam
+from .proposals import MaskProposer, Proposals, bool_masks, build_sam
 from .text import TextCache, encode_text, text_features
 
 log = logging.getLogger("hybridgl")
@@ -380,7 +380,7 @@ class HybridGL:
                                  + f", got {shape}")
             if original_size is not None and tuple(shape[-2:]) == original_size:  # downscaled like the image
                 quality = proposals.quality if isinstance(proposals, Proposals) else None
-                masks = np.asarray(given.cpu() if isinstance(given, torch.Tensor) else given, dtype=bool)
+                masks = bool_masks(given).numpy()
                 proposals = downscale_masks(masks[None] if masks.ndim == 2 else masks, *rgb.shape[:2])
                 if quality is not None:  # SAM's predicted IoU (a calibration feature) stays the mask's
                     proposals = dataclasses.replace(Proposals.from_masks(proposals, *rgb.shape[:2]), quality=quality)

@@ -52,8 +52,7 @@ class Proposals:
     @classmethod
     def from_masks(cls, masks: np.ndarray | torch.Tensor, height: int, width: int) -> "Proposals":
         """Injected masks (bool [N,H,W]) with boxes computed exactly as SAM computes them."""
-        m = masks.detach().cpu() if isinstance(masks, torch.Tensor) else torch.as_tensor(np.asarray(masks))
-        m = m.bool()
+        m = bool_masks(masks)
         if m.ndim == 2:
             m = m[None]
         if m.ndim != 3 or tuple(m.shape[1:]) != (height, width):
@@ -66,6 +65,16 @@ class Proposals:
     @classmethod
     def empty(cls, height: int, width: int) -> "Proposals":
         return cls(np.zeros((0, height, width), bool), np.zeros((0, 4), np.int64), np.zeros(0, np.float32))
+
+
+def bool_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Given masks (bool, or numbers: nonzero is inside) -> a bool CPU tensor of the same shape."""
+    if isinstance(masks, torch.Tensor):
+        return masks.detach().cpu().bool()
+    array = np.asarray(masks)
+    if array.dtype != bool and not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"proposals must be bool masks (or 0/1 numbers), got dtype {array.dtype}")
+    return torch.as_tensor(np.ascontiguousarray(array)).bool()  # torch refuses negative strides (np.flip)
 
 
 def build_sam(model_type: str, checkpoint: str | Path | None,

@@ -410,3 +410,18 @@ def test_a_pickled_view_is_device_free_and_its_mask_copy_follows_the_device_aske
     meta = back.device_masks(torch.device("meta"))  # another device: its own copy, not the CPU one
     assert cpu.device.type == "cpu" and meta.device.type == "meta"
     assert back.device_masks(torch.device("cpu")).device.type == "cpu"
+
+
+def test_flipped_or_strided_proposals_are_read_like_contiguous_ones(tiny_model_nosam):
+    """Masks given as a view with negative strides (np.flip, [:, ::-1]) failed inside torch ("At least one
+    stride in the given numpy array is negative"); masks of a non-numeric dtype failed there too."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    masks = np.zeros((2, 40, 60), bool)
+    masks[0, :, :20], masks[1, 10:30, 30:] = True, True
+    flipped = masks[:, ::-1, ::-1]
+    view = tiny_model_nosam.prepare(image, proposals=flipped)
+    np.testing.assert_array_equal(view.masks, flipped)
+    expected = tiny_model_nosam.prepare(image, proposals=flipped.copy())
+    assert view.boxes_xywh.tolist() == expected.boxes_xywh.tolist()
+    with pytest.raises(TypeError, match="proposals must be bool"):
+        tiny_model_nosam.prepare(image, proposals=np.full((1, 40, 60), "x"))
