@@ -170,7 +170,9 @@ class MaskProposer:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1]
         crop_size = crop.shape[:2]
-        if min(ResizeLongestSide.get_preprocess_shape(*crop_size, self.transform.target_length)) == 0:
+        # a crop without pixels is tested first: SAM's resize divides by its longest side
+        if min(crop_size) == 0 or min(ResizeLongestSide.get_preprocess_shape(
+                *crop_size, self.transform.target_length)) == 0:
             log.info("a %dx%d crop is too thin for SAM's input: no masks from it", *crop_size[::-1])
             height, width = image.shape[:2]
             device = self.sam.device

@@ -425,3 +425,13 @@ def test_flipped_or_strided_proposals_are_read_like_contiguous_ones(tiny_model_n
     assert view.boxes_xywh.tolist() == expected.boxes_xywh.tolist()
     with pytest.raises(TypeError, match="proposals must be bool"):
         tiny_model_nosam.prepare(image, proposals=np.full((1, 40, 60), "x"))
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 7, 3), (7, 0, 3)])
+def test_an_image_without_pixels_gets_no_proposals(model_with_sam, shape):
+    """SAM's crop resize divided by the longest side: a 0x0 image raised ZeroDivisionError (a 0xW one
+    already gave zero proposals, the normal outcome the generator documents)."""
+    view = model_with_sam.prepare(np.zeros(shape, np.uint8))
+    assert len(view) == 0
+    seg = model_with_sam.segment(view, "the cup")
+    assert seg.mask is None and seg.score == 0.0 and seg.reason == "no mask proposals"
