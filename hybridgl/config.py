@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+COLOUR_KEYS = ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std")  # one value per RGB channel
 FUSION_MODES = ("G2L", "L2G", "G2L+L2G", "G+L", "local", "global")
 # What a prepared view holds depends on these (its working image, hybrid features and GEM tokens);
 # the other keys decide how a view is read (SAM's, when proposals are given, guidance, scoring, speed).
@@ -144,13 +145,29 @@ class HybridGLConfig:
             raise ValueError("fast_patience must be at least 0")
         if self.score_temperature <= 0:
             raise ValueError("score_temperature must be positive")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError("alpha must lie in [0, 1]")
-        for name in ("fill_value", "image_mean", "image_std", "clip_mean", "clip_std", "calibration_coef"):
-            values = tuple(float(v) for v in getattr(self, name))
+        for name in ("alpha", "sentence_weight", "fusion_weight"):  # the weights of mixes
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        for name in COLOUR_KEYS + ("calibration_coef",):
+            raw = getattr(self, name)
+            try:
+                values = None if isinstance(raw, (str, bytes)) else tuple(float(v) for v in raw)
+            except (TypeError, ValueError):
+                values = None
+            # per channel, broadcast against [3,1,1]: another length failed inside torch at the first image
+            if name in COLOUR_KEYS and (values is None or len(values) != 3):
+                raise ValueError(f"{name} must be 3 numbers (R, G, B), got {raw!r}")
+            if values is None:
+                raise ValueError(f"{name} must be a list of numbers, got {raw!r}")
             if not all(math.isfinite(v) for v in values):
                 raise ValueError(f"{name} must be finite, got {values!r}")
             object.__setattr__(self, name, values)
+        try:  # filled with the noun phrase at every expression: a bad template failed only there
+            takes_phrase = self.gem_prompt.format("\0") != self.gem_prompt.format("")
+        except (IndexError, KeyError, ValueError):
+            takes_phrase = False
+        if not takes_phrase:
+            raise ValueError(f"gem_prompt must hold one {{}} for the noun phrase, got {self.gem_prompt!r}")
         if self.gem_temperature is not None and self.gem_temperature <= 0:
             raise ValueError("gem_temperature must be positive (or None: adaptive)")
         for name in ("image_std", "clip_std"):

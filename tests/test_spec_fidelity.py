@@ -362,3 +362,31 @@ def test_non_finite_numbers_and_non_positive_scales_are_refused(key, value):
     pred_iou_thresh dropped every proposal. A std of 0 or a temperature <= 0 divides by nothing."""
     with pytest.raises(ValueError, match=key):
         HybridGLConfig(**{key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("image_mean", (0.5,)), ("image_std", (1.0, 2.0, 3.0, 4.0)), ("clip_mean", (0.5, 0.5)), ("fill_value", 3),
+    ("clip_std", "abc"), ("fill_value", None),
+])
+def test_a_colour_triple_must_be_three_numbers(key, value):
+    """image_mean=(0.5,) or clip_std of 4 values were accepted and failed at the first image inside torch
+    ("shape '[3, 1, 1]' is invalid"); fill_value=3 said "'int' object is not iterable"."""
+    with pytest.raises(ValueError, match=f"{key} must be 3 numbers"):
+        HybridGLConfig(**{key: value})
+    assert HybridGLConfig(**{key: [0.5, 0.5, 0.5]}).to_dict()[key] == [0.5, 0.5, 0.5]  # JSON gives lists
+
+
+@pytest.mark.parametrize("prompt", ["{0} {1}", "{x}", "a photo of a {", "a photo of something."])
+def test_a_gem_prompt_must_take_the_noun_phrase(prompt):
+    """A prompt str.format cannot fill with the noun phrase failed at the first expression (IndexError,
+    KeyError); one without a slot gave every expression the same coherence map."""
+    with pytest.raises(ValueError, match="gem_prompt"):
+        HybridGLConfig(gem_prompt=prompt)
+    assert HybridGLConfig(gem_prompt="{} in a photo").gem_prompt == "{} in a photo"
+
+
+@pytest.mark.parametrize("key, value", [("sentence_weight", 1.5), ("sentence_weight", -0.1), ("fusion_weight", 2.0)])
+def test_mixing_weights_lie_in_0_1(key, value):
+    """t = w f(sentence) + (1 - w) f(noun phrase) and the G+L sum are mixes, as alpha's is."""
+    with pytest.raises(ValueError, match=key):
+        HybridGLConfig(**{key: value})
