@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from . import calibration, guidance, scoring
+from . import calibration, clip_vit, guidance, scoring
 from .coherence import coherence_map, gem_tokens
 from .fast import BFLOAT16_GAIN, FastHistory, LowPrecision, bfloat16_speedup, contested, low_precision, prepare_features
 from .config import HybridGLConfig
@@ -240,6 +240,10 @@ class HybridGL:
         self.config = HybridGLConfig.load(config)
         self.device = torch.device(device) if device is not None else default_device()
         self.clip = clip.to(self.device).eval()
+        patch = clip_vit.patch_size(self.clip)
+        for key in ("clip_input_size", "gem_input_size"):  # the config cannot know the CLIP's patch size
+            if getattr(self.config, key) < patch:
+                raise ValueError(f"{key}={getattr(self.config, key)} is smaller than this CLIP's {patch}-pixel patches")
         self.tokenizer = tokenizer
         self.sam = sam.to(self.device).eval() if sam is not None else None
         self.proposer = MaskProposer(self.sam, self.config) if self.sam is not None else None

@@ -435,3 +435,12 @@ def test_an_image_without_pixels_gets_no_proposals(model_with_sam, shape):
     assert len(view) == 0
     seg = model_with_sam.segment(view, "the cup")
     assert seg.mask is None and seg.score == 0.0 and seg.reason == "no mask proposals"
+
+
+@pytest.mark.parametrize("key", ["clip_input_size", "gem_input_size"])
+def test_an_input_size_below_one_clip_patch_is_refused_by_the_model(tiny_clip_pair, key):
+    """clip_input_size=8 (or gem_input_size) for a CLIP with 16-pixel patches failed at the first image
+    inside torch's convolution ("Kernel size can't be greater than actual input size")."""
+    with pytest.raises(ValueError, match=f"{key}=8 is smaller than this CLIP's 16-pixel patches"):
+        HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config={key: 8})
+    HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config={key: 16})
