@@ -338,7 +338,9 @@ class HybridGL:
 
     # -- the method -----------------------------------------------------------------------------
     def parse(self, expression: str) -> ParsedExpression:
-        if not isinstance(expression, str) or not expression.strip():
+        if not isinstance(expression, str):
+            raise TypeError(f"expression must be a str, got {type(expression).__name__}")
+        if not expression.strip():
             raise ValueError("empty expression")
         return self.parser(expression)
 
@@ -419,6 +421,8 @@ class HybridGL:
                              "prepare the image with this model")
         if parse is None:
             parse = self.parse(expression if expression is not None else "")
+        elif not isinstance(parse, ParsedExpression):
+            raise TypeError(f"parse must be a ParsedExpression, got {type(parse).__name__}")
         if view.low_precision is None:
             return self._segment(view, parse)
         with view.refining:

@@ -444,3 +444,13 @@ def test_an_input_size_below_one_clip_patch_is_refused_by_the_model(tiny_clip_pa
     with pytest.raises(ValueError, match=f"{key}=8 is smaller than this CLIP's 16-pixel patches"):
         HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config={key: 8})
     HybridGL(*tiny_clip_pair, sam=None, parser="rules", device="cpu", config={key: 16})
+
+
+def test_an_expression_or_parse_of_another_type_is_a_type_error(tiny_model_nosam):
+    """bytes (text read from a file in binary mode) were refused as an "empty expression", and a parse
+    given as a dict failed deep in the text encoding with an AttributeError."""
+    view = tiny_model_nosam.prepare(np.zeros((8, 8, 3), np.uint8), proposals=np.ones((1, 8, 8), bool))
+    with pytest.raises(TypeError, match="expression must be a str, got bytes"):
+        tiny_model_nosam.segment(view, b"the cup")
+    with pytest.raises(TypeError, match="parse must be a ParsedExpression, got dict"):
+        tiny_model_nosam.segment(view, parse={"sentence": "the cup", "noun_phrase": "the cup"})
