@@ -46,7 +46,11 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
             gray = (a / top * 255).clip(0, 255).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
         if image.mode == "F":
-            a = np.nan_to_num(np.asarray(image, dtype=np.float64))
+            a = np.asarray(image, dtype=np.float64)
+            finite = a[np.isfinite(a)]
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+            # +-inf at the ends of the finite range: as the largest float it left every other pixel 0
+            a = np.nan_to_num(a, nan=0.0, posinf=hi, neginf=lo)
             gray = ((a - a.min()) / max(float(np.ptp(a)), 1e-12) * 255).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
         if image.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):

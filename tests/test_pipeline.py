@@ -454,3 +454,14 @@ def test_an_expression_or_parse_of_another_type_is_a_type_error(tiny_model_nosam
         tiny_model_nosam.segment(view, b"the cup")
     with pytest.raises(TypeError, match="parse must be a ParsedExpression, got dict"):
         tiny_model_nosam.segment(view, parse={"sentence": "the cup", "noun_phrase": "the cup"})
+
+
+def test_a_float_image_with_an_infinite_pixel_keeps_its_tones():
+    """Pillow mode F (float TIFFs, depth maps that mark no return with inf): inf became the largest float,
+    so every other pixel fell to 0 (a black image) and the range computation overflowed."""
+    from hybridgl.pipeline import to_rgb_array
+
+    values = np.array([[0.0, 0.5, 1.0, np.inf, -np.inf, np.nan]], dtype=np.float32)
+    with np.errstate(all="raise"):
+        rgb = to_rgb_array(Image.fromarray(values))
+    np.testing.assert_array_equal(rgb[..., 0], [[0, 127, 255, 255, 0, 0]])
