@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,14 @@ def read_proposals(path: str | None) -> np.ndarray | None:
         return None
     if not Path(path).is_file():
         raise UsageError(f"proposals file not found: {path}")
-    data = np.load(path)
-    if hasattr(data, "files") and "masks" not in data.files:
-        raise UsageError(f"{path} has no 'masks' array (it holds {', '.join(data.files) or 'nothing'})")
-    return np.asarray(data["masks"] if hasattr(data, "files") else data).astype(bool)
+    try:  # an .npz reads its members lazily: a torn one fails at data["masks"]
+        data = np.load(path)
+        if hasattr(data, "files") and "masks" not in data.files:
+            raise UsageError(f"{path} has no 'masks' array (it holds {', '.join(data.files) or 'nothing'})")
+        masks = np.asarray(data["masks"] if hasattr(data, "files") else data)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:  # empty, torn, pickled, not numpy
+        raise UsageError(f"not a readable proposals file: {path} ({exc})") from exc
+    return masks.astype(bool)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -93,9 +93,13 @@ def test_bad_config_value_is_a_usage_error(tmp_path):
     (lambda d: np.savez(d / "p.npz", other=np.zeros((1, 4, 4), bool)), ["--proposals", "p.npz"],
      "has no 'masks' array"),
     (lambda d: (d / "cfg").mkdir(), ["--config", "cfg"], "config file"),
+    (lambda d: (d / "p.npy").write_bytes(b""), ["--proposals", "p.npy"], "not a readable proposals file: p.npy"),
+    (lambda d: (d / "p.npz").write_bytes(b"PK\x03\x04 torn"), ["--proposals", "p.npz"],
+     "not a readable proposals file: p.npz"),
+    (lambda d: (d / "p.npy").write_text("hello"), ["--proposals", "p.npy"], "not a readable proposals file: p.npy"),
 ])
 def test_bad_proposals_or_config_file_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, setup, extra, message):
-    """In-process: these used to end in a KeyError / IsADirectoryError traceback."""
+    """In-process: these used to end in a KeyError / IsADirectoryError / EOFError / BadZipFile traceback."""
     from hybridgl.cli import main
 
     setup(tmp_path)
