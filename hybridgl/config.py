@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -233,16 +234,20 @@ class HybridGLConfig:
         """Defaults overridden by the keys of a JSON or TOML file (a [hybridgl] table is accepted)."""
         path = Path(path)
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".toml":
-            import tomllib
+        toml = path.suffix.lower() == ".toml"
+        try:
+            if toml:
+                import tomllib
 
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except ValueError as exc:  # the decoders' messages name a line, not the file
+            raise ValueError(f"{path}: not valid {'TOML' if toml else 'JSON'} ({exc})") from exc
+        if isinstance(values, dict) and set(values) == {"hybridgl"}:
+            values = values["hybridgl"]
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a table of config keys")
-        if set(values) == {"hybridgl"}:
-            values = values["hybridgl"]
         return cls.from_dict(values)
 
     @classmethod
@@ -253,6 +258,8 @@ class HybridGLConfig:
             return config
         if isinstance(config, Mapping):
             return cls.from_dict(config)
+        if not isinstance(config, (str, os.PathLike)):
+            raise TypeError(f"config must be a HybridGLConfig, a mapping or a file path, got {type(config).__name__}")
         return cls.from_file(config)
 
     def fingerprint(self) -> str:

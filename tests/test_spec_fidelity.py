@@ -390,3 +390,18 @@ def test_mixing_weights_lie_in_0_1(key, value):
     """t = w f(sentence) + (1 - w) f(noun phrase) and the G+L sum are mixes, as alpha's is."""
     with pytest.raises(ValueError, match=key):
         HybridGLConfig(**{key: value})
+
+
+@pytest.mark.parametrize("text, suffix, message", [
+    ('{"hybridgl": 5}', ".json", "expected a table of config keys"),
+    ("", ".json", "not valid JSON"),
+    ("alpha = ", ".toml", "not valid TOML"),
+])
+def test_a_malformed_config_file_is_named_in_the_error(tmp_path, text, suffix, message):
+    """{"hybridgl": 5} said "'int' object is not iterable"; a syntax error did not name the file."""
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path.name}: {message}"):
+        HybridGLConfig.from_file(path)
+    with pytest.raises(TypeError, match="config must be a HybridGLConfig, a mapping or a file path, got int"):
+        HybridGLConfig.load(5)  # what an inline {"hybridgl": 5} unwraps to
