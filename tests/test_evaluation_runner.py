@@ -533,3 +533,13 @@ def test_rescore_in_place_against_part_of_a_dataset_keeps_the_other_lines(refer_
     kept = lines(run / "predictions.jsonl")
     assert sorted(r["sent_id"] for r in kept) == sorted(minidata.VAL_SENT_IDS)
     assert next(r for r in kept if r["sent_id"] == minidata.VAL_SENT_IDS[0])["iou"] == 1.0
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>login</html>", b"\xff\xfe[]"])
+def test_a_label_studio_export_that_is_not_json_names_the_file(tmp_path, content):
+    from hybridgl.evaluation.label_studio import read_export
+
+    export = tmp_path / "export.json"
+    export.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{export}: not a Label Studio JSON export"):
+        read_export(export)

@@ -122,7 +122,10 @@ def read_export(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Label Studio export not found: {path}")
-    tasks = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSON's and UTF-8's messages name a position, not the file
+        raise ValueError(f"{path}: not a Label Studio JSON export ({exc})") from exc
     if isinstance(tasks, dict):  # a single task
         tasks = [tasks]
     if not isinstance(tasks, list):
