@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -205,8 +206,10 @@ class HybridGLBackend:
                 self._schemas.pop(key, None)  # a newer config replaces it, even one too long to keep
                 if len(schema) <= MAX_SCHEMA_CHARS:
                     self._schemas[key] = schema
-                    while len(self._schemas) > MAX_SCHEMAS:
-                        self._schemas.popitem(last=False)
+                    # in bytes too: a character outside the BMP makes Python keep 4 bytes per character
+                    size = sum(sys.getsizeof(v) for v in self._schemas.values())
+                    while len(self._schemas) > MAX_SCHEMAS or (len(self._schemas) > 1 and size > MAX_SCHEMA_BYTES):
+                        size -= sys.getsizeof(self._schemas.popitem(last=False)[1])
                 else:
                     log.warning("setup: project %s's labelling config (%d characters) is longer than %d: not kept, "
                                 "/predict must carry it", key, len(schema), MAX_SCHEMA_CHARS)
@@ -491,6 +494,7 @@ def view_bytes(view: PreparedView) -> int:
 MAX_PROJECTS = 10_000  # projects' Label Studio connections
 MAX_SCHEMAS = 1_000  # labelling configs, the most recently set up projects'
 MAX_SCHEMA_CHARS = 1 << 20  # a longer config is not kept (Label Studio sends it with /predict too)
+MAX_SCHEMA_BYTES = 256 << 20  # ... and the kept configs' memory together (the oldest are dropped past it)
 MAX_TOKEN_CHARS = 16_384
 
 

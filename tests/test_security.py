@@ -507,6 +507,29 @@ def test_setup_state_is_bounded(model, monkeypatch):
         ls.close()
 
 
+def test_kept_configs_are_bounded_in_memory_not_only_in_count(model, monkeypatch):
+    """MAX_SCHEMAS configs of MAX_SCHEMA_CHARS each: 1 GB of ASCII, 4 GB where a character outside
+    the BMP makes Python store 4 bytes per character. The kept configs' memory is bounded too
+    (MAX_SCHEMA_BYTES, oldest dropped first); the latest is always kept."""
+    import sys
+
+    from backend import model as model_module
+
+    monkeypatch.setattr(model_module, "MAX_SCHEMA_BYTES", 13 << 20)
+    backend, c = make_client(model)
+    wide = CONFIG + "<!--" + "\U0001F600" * (model_module.MAX_SCHEMA_CHARS - len(CONFIG) - 7) + "-->"
+    assert len(wide) <= model_module.MAX_SCHEMA_CHARS and sys.getsizeof(wide) > 4 << 20
+    for p in range(6):
+        assert c.post("/setup", json={"project": f"{p}.1", "schema": wide}).status_code == 200
+    kept = backend._schemas
+    assert sum(sys.getsizeof(v) for v in kept.values()) <= 13 << 20
+    assert list(kept) == ["3", "4", "5"]
+    assert c.post("/setup", json={"project": "6.1", "schema": CONFIG}).status_code == 200  # small ones fit
+    assert list(kept) == ["3", "4", "5", "6"]
+    assert c.post("/setup", json={"project": "7.1", "schema": wide}).status_code == 200
+    assert list(kept) == ["4", "5", "6", "7"]
+
+
 def test_label_studio_on_a_link_local_address_is_refused(model, tmp_path):
     """Label Studio's origin is trusted (it often lives on a private address), so a /setup could
     name the cloud metadata or credential service (169.254.0.0/16) as a project's Label Studio and
