@@ -207,9 +207,7 @@ class HybridGLBackend:
                 if len(schema) <= MAX_SCHEMA_CHARS:
                     self._schemas[key] = schema
                     # in bytes too: a character outside the BMP makes Python keep 4 bytes per character
-                    size = sum(sys.getsizeof(v) for v in self._schemas.values())
-                    while len(self._schemas) > MAX_SCHEMAS or (len(self._schemas) > 1 and size > MAX_SCHEMA_BYTES):
-                        size -= sys.getsizeof(self._schemas.popitem(last=False)[1])
+                    evict_oldest(self._schemas, MAX_SCHEMAS, MAX_SCHEMA_BYTES, sys.getsizeof)
                 else:
                     log.warning("setup: project %s's labelling config (%d characters) is longer than %d: not kept, "
                                 "/predict must carry it", key, len(schema), MAX_SCHEMA_CHARS)
@@ -431,10 +429,7 @@ class HybridGLBackend:
             if self.settings.cache_images and view_bytes(view) <= self.settings.cache_mb * 2**20:
                 with self._views_lock:
                     self._views[key] = view
-                    limit = self.settings.cache_mb * 2**20
-                    total = sum(map(view_bytes, self._views.values()))
-                    while len(self._views) > self.settings.cache_images or (len(self._views) > 1 and total > limit):
-                        total -= view_bytes(self._views.popitem(last=False)[1])
+                    evict_oldest(self._views, self.settings.cache_images, self.settings.cache_mb * 2**20, view_bytes)
         self.counters.add("cache.misses")
         return view
 
@@ -504,6 +499,14 @@ class SetupError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def evict_oldest(entries: OrderedDict, max_entries: int, max_bytes: int, size: Callable[[Any], int]) -> None:
+    """Drop the oldest entries while there are more than `max_entries` or their sizes add up to more
+    than `max_bytes`; the newest stays whatever its size."""
+    total = sum(map(size, entries.values()))
+    while len(entries) > max_entries or (len(entries) > 1 and total > max_bytes):
+        total -= size(entries.popitem(last=False)[1])
 
 
 def project_key(project: Any) -> str | None:

@@ -39,6 +39,7 @@ import requests
 
 from .labeling import TaskError
 from .outbound import ForbiddenTarget
+from .settings import Settings
 
 log = logging.getLogger("backend.quality")
 
@@ -267,7 +268,7 @@ class QualityTracker:
     `process` does one synchronously."""
 
     def __init__(self, store: QualityStore, model_version: str, predictions_of: Lookup, counters=None,
-                 max_pixels: int | None = 60_000_000):
+                 max_pixels: int | None = Settings.max_image_pixels):
         self.store = store
         self.max_pixels = max_pixels  # of a brush mask (HYBRIDGL_MAX_IMAGE_PIXELS: ours are no larger)
         self.model_version = model_version

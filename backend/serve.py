@@ -227,15 +227,13 @@ class Ingress:
         setup = replace(setup, body=json.dumps({k: payload[k] for k in SETUP_FIELDS if k in payload}).encode())
         import ray
 
-        from .model import project_key
+        from .model import evict_oldest, project_key
 
         key = project_key(project)  # "id.timestamp" in /setup: the id names the project
         self.setup_seq += 1
         self.setups.pop(key, None)
         self.setups[key] = (self.setup_seq, setup)  # the log stays in replay order
-        size = sum(len(request.body) for _, request in self.setups.values())
-        while len(self.setups) > MAX_SETUPS or (len(self.setups) > 1 and size > MAX_SETUP_BYTES):
-            size -= len(self.setups.popitem(last=False)[1][1].body)
+        evict_oldest(self.setups, MAX_SETUPS, MAX_SETUP_BYTES, lambda entry: len(entry[1].body))
         self.setup_log = [ray.put(list(self.setups.values()))]
 
 
